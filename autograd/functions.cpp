@@ -1,0 +1,142 @@
+#include "autograd/functions.h"
+
+#include "ops/activation.h"
+#include "ops/attention.h"
+#include "ops/loss.h"
+#include "ops/matmul.h"
+#include "ops/norm.h"
+#include "ops/reduce.h"
+#include "ops/rope.h"
+#include "runtime/error.h"
+
+namespace omniq::ag {
+
+namespace {
+Var result(Tensor value) { return constant(std::move(value)); }
+// Views share storage, so saving `alias()` of a value costs nothing.
+Tensor saved(const Var& v) { return v->value.alias(); }
+}  // namespace
+
+Var linear(Tape& t, const Var& x, const Var& w, const Var& b) {
+  Var y = result(linear_forward(x->value, w->value, b ? &b->value : nullptr));
+  t.record(b ? std::vector<Var>{x, w, b} : std::vector<Var>{x, w}, y,
+           [x, w, b](const Tensor& dy) {
+             bool need_db = b && b->requires_grad;
+             LinearGrads g = linear_backward(dy, x->value, w->value, x->requires_grad, w->requires_grad, need_db);
+             accumulate_grad(*x, std::move(g.dx));
+             accumulate_grad(*w, std::move(g.dw));
+             if (need_db) accumulate_grad(*b, std::move(g.db));
+           });
+  return y;
+}
+
+Var binary(Tape& t, BinaryOp op, const Var& a, const Var& b) {
+  Var y = result(omniq::binary(op, a->value, b->value));
+  t.record({a, b}, y, [op, a, b](const Tensor& dy) {
+    BinaryGrads g = binary_backward(op, dy, a->value, b->value, a->requires_grad, b->requires_grad);
+    accumulate_grad(*a, std::move(g.da));
+    accumulate_grad(*b, std::move(g.db));
+  });
+  return y;
+}
+
+Var scale(Tape& t, const Var& x, float s) {
+  Var y = result(omniq::scale(x->value, s));
+  t.record({x}, y, [x, s](const Tensor& dy) { accumulate_grad(*x, omniq::scale(dy, s)); });
+  return y;
+}
+
+Var reshape(Tape& t, const Var& x, const Shape& shape) {
+  Var y = result(x->value.reshape(shape));
+  t.record({x}, y, [x](const Tensor& dy) { accumulate_grad(*x, dy.reshape(x->value.shape())); });
+  return y;
+}
+
+Var rmsnorm(Tape& t, const Var& x, const Var& w, float eps) {
+  Tensor rstd;
+  Var y = result(rmsnorm_forward(x->value, w->value, eps, &rstd));
+  auto rstd_saved = std::make_shared<Tensor>(std::move(rstd));
+  t.record({x, w}, y, [x, w, rstd_saved](const Tensor& dy) {
+    NormGrads g = rmsnorm_backward(dy, x->value, w->value, *rstd_saved);
+    accumulate_grad(*x, std::move(g.dx));
+    accumulate_grad(*w, std::move(g.dw));
+  });
+  return y;
+}
+
+Var layernorm(Tape& t, const Var& x, const Var& w, const Var& b, float eps) {
+  Tensor mean, rstd;
+  Var y = result(layernorm_forward(x->value, w->value, b->value, eps, &mean, &rstd));
+  auto stats = std::make_shared<std::pair<Tensor, Tensor>>(std::move(mean), std::move(rstd));
+  t.record({x, w, b}, y, [x, w, b, stats](const Tensor& dy) {
+    NormGrads g = layernorm_backward(dy, x->value, w->value, stats->first, stats->second);
+    accumulate_grad(*x, std::move(g.dx));
+    accumulate_grad(*w, std::move(g.dw));
+    accumulate_grad(*b, std::move(g.db));
+  });
+  return y;
+}
+
+Var rope(Tape& t, const Var& x, float theta, int64_t pos_offset) {
+  Var y = result(rope_forward(x->value, theta, pos_offset));
+  t.record({x}, y, [x, theta, pos_offset](const Tensor& dy) {
+    accumulate_grad(*x, rope_backward(dy, theta, pos_offset));
+  });
+  return y;
+}
+
+Var swiglu(Tape& t, const Var& gate, const Var& up) {
+  Var y = result(swiglu_forward(gate->value, up->value));
+  t.record({gate, up}, y, [gate, up](const Tensor& dy) {
+    SwigluGrads g = swiglu_backward(dy, gate->value, up->value);
+    accumulate_grad(*gate, std::move(g.dgate));
+    accumulate_grad(*up, std::move(g.dup));
+  });
+  return y;
+}
+
+Var relu(Tape& t, const Var& x) {
+  Var y = result(relu_forward(x->value));
+  t.record({x}, y, [x](const Tensor& dy) { accumulate_grad(*x, relu_backward(dy, x->value)); });
+  return y;
+}
+
+Var attention(Tape& t, const Var& q, const Var& k, const Var& v, float scale, bool causal) {
+  auto lse = std::make_shared<Tensor>();
+  Var y = result(attention_forward(q->value, k->value, v->value, scale, causal, lse.get()));
+  // The output value is needed by the backward; hold a view of it (not the Var, to avoid a cycle).
+  auto out = std::make_shared<Tensor>(y->value.alias());
+  t.record({q, k, v}, y, [q, k, v, scale, causal, lse, out](const Tensor& dy) {
+    AttentionGrads g = attention_backward(dy, q->value, k->value, v->value, *out, *lse, scale, causal);
+    accumulate_grad(*q, std::move(g.dq));
+    accumulate_grad(*k, std::move(g.dk));
+    accumulate_grad(*v, std::move(g.dv));
+  });
+  return y;
+}
+
+Var mse_loss(Tape& t, const Var& a, const Var& b) {
+  Var y = result(mse_loss_forward(a->value, b->value));
+  t.record({a, b}, y, [a, b](const Tensor& dloss) {
+    Tensor da = mse_loss_backward(dloss, a->value, b->value);
+    if (b->requires_grad) accumulate_grad(*b, omniq::scale(da, -1.0f));
+    accumulate_grad(*a, std::move(da));
+  });
+  return y;
+}
+
+Var cross_entropy_mean(Tape& t, const Var& logits, const Tensor& targets) {
+  Tensor nll = cross_entropy_forward(logits->value, targets);
+  int64_t n = nll.numel();
+  Var y = result(mean_all(nll));
+  auto tg = std::make_shared<Tensor>(targets.alias());
+  t.record({logits}, y, [logits, tg, n](const Tensor& dloss) {
+    // d(mean)/d(nll_i) = 1/N; broadcast the device scalar without reading it on the host.
+    Tensor ones = Tensor::full({n}, 1.0f / static_cast<float>(n), DType::f32, dloss.device());
+    Tensor dnll = omniq::binary(BinaryOp::mul, ones, dloss.to(DType::f32));
+    accumulate_grad(*logits, cross_entropy_backward(dnll, logits->value, *tg));
+  });
+  return y;
+}
+
+}  // namespace omniq::ag

@@ -1,0 +1,8 @@
+// One function per omniq subcommand; each lives in its own file under experiments/cli/.
+#pragma once
+
+namespace omniq::cli {
+
+int run_eval(int argc, char** argv);
+
+}  // namespace omniq::cli

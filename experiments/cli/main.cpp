@@ -1,0 +1,43 @@
+// omniq: post-training quantization of LLMs (OmniQuant and friends) in C++/CUDA.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "experiments/cli/commands.h"
+#include "runtime/error.h"
+
+namespace {
+
+void print_usage() {
+  std::puts(
+      "usage: omniq <command> [options]\n"
+      "\n"
+      "commands:\n"
+      "  eval       perplexity of a Hugging Face LLaMA/OPT model folder on WikiText-2 or any text file\n"
+      "\n"
+      "Run `omniq <command> --help` for the options of a command.\n"
+      "\n"
+      "examples:\n"
+      "  omniq eval --model data/models/llama-nano --device cpu\n"
+      "  omniq eval --model /path/to/Llama-2-7b-hf --device cuda --dtype bf16 --seqlen 2048");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    print_usage();
+    return argc < 2 ? 2 : 0;
+  }
+  std::string cmd = argv[1];
+  try {
+    if (cmd == "eval") return omniq::cli::run_eval(argc - 2, argv + 2);
+    std::fprintf(stderr, "omniq: unknown command '%s'\n\n", cmd.c_str());
+    print_usage();
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "omniq %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,109 @@
+#include "models/decoder_block.h"
+
+#include <cmath>
+
+#include "autograd/functions.h"
+#include "runtime/error.h"
+
+namespace omniq {
+
+namespace {
+
+struct BlockCtx {
+  ag::Tape& t;
+  const std::map<std::string, ag::Var>& params;
+  BlockHooks* hooks;
+
+  // The parameter `key`, through the hook; nullptr when the block has no such tensor (optional bias).
+  ag::Var p(const std::string& key) const {
+    auto it = params.find(key);
+    if (it == params.end()) return nullptr;
+    return hooks ? hooks->param(t, key, it->second) : it->second;
+  }
+  ag::Var req(const std::string& key) const {
+    ag::Var v = p(key);
+    OMNIQ_CHECK(v != nullptr, "decoder block: missing parameter '%s'", key.c_str());
+    return v;
+  }
+  ag::Var act(const std::string& site, const ag::Var& x) const { return hooks ? hooks->activation(t, site, x) : x; }
+  ag::Var linear(const std::string& site, const ag::Var& x) const {
+    return ag::linear(t, act(site, x), req(site + ".weight"), p(site + ".bias"));
+  }
+};
+
+// Self-attention shared by both architectures: q/k/v projections, optional RoPE, causal GQA
+// attention, output projection. `x` is the normalised block input [B, T, C].
+ag::Var self_attention(const BlockCtx& c, const ModelConfig& cfg, const ag::Var& x, const char* out_site) {
+  const Shape& s = x->value.shape();
+  int64_t B = s[0], T = s[1], H = cfg.num_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim;
+  ag::Var q = ag::reshape(c.t, c.linear("q_proj", x), {B, T, H, D});
+  ag::Var k = ag::reshape(c.t, c.linear("k_proj", x), {B, T, Hkv, D});
+  ag::Var v = ag::reshape(c.t, c.linear("v_proj", x), {B, T, Hkv, D});
+  if (cfg.is_llama()) {
+    q = ag::rope(c.t, q, static_cast<float>(cfg.rope_theta));
+    k = ag::rope(c.t, k, static_cast<float>(cfg.rope_theta));
+  }
+  q = c.act("q", q);
+  k = c.act("k", k);
+  v = c.act("v", v);
+  ag::Var o = ag::attention(c.t, q, k, v, 1.0f / std::sqrt(static_cast<float>(D)), /*causal=*/true);
+  return c.linear(out_site, ag::reshape(c.t, o, {B, T, H * D}));
+}
+
+// HF LlamaDecoderLayer: h = x + attn(rmsnorm(x)); out = h + down(silu(gate(n)) * up(n)), n = rmsnorm(h)
+ag::Var llama_block(const BlockCtx& c, const ModelConfig& cfg, const ag::Var& x) {
+  float eps = cfg.norm_eps;
+  ag::Var n1 = ag::rmsnorm(c.t, x, c.req("input_layernorm.weight"), eps);
+  ag::Var h = ag::add(c.t, x, self_attention(c, cfg, n1, "o_proj"));
+  ag::Var n2 = ag::rmsnorm(c.t, h, c.req("post_attention_layernorm.weight"), eps);
+  ag::Var m = ag::swiglu(c.t, c.linear("gate_proj", n2), c.linear("up_proj", n2));
+  return ag::add(c.t, h, c.linear("down_proj", m));
+}
+
+// HF OPTDecoderLayer. Pre-LN (do_layer_norm_before): h = x + attn(ln1(x)); out = h + fc2(relu(fc1(ln2(h)))).
+// Post-LN (OPT-350m): h = ln1(x + attn(x)); out = ln2(h + fc2(relu(fc1(h)))).
+ag::Var opt_block(const BlockCtx& c, const ModelConfig& cfg, const ag::Var& x) {
+  float eps = cfg.norm_eps;
+  auto ln = [&](const char* name, const ag::Var& v) {
+    std::string n = name;
+    return ag::layernorm(c.t, v, c.req(n + ".weight"), c.req(n + ".bias"), eps);
+  };
+  if (cfg.do_layer_norm_before) {
+    ag::Var h = ag::add(c.t, x, self_attention(c, cfg, ln("self_attn_layer_norm", x), "out_proj"));
+    ag::Var m = ag::relu(c.t, c.linear("fc1", ln("final_layer_norm", h)));
+    return ag::add(c.t, h, c.linear("fc2", m));
+  }
+  ag::Var h = ln("self_attn_layer_norm", ag::add(c.t, x, self_attention(c, cfg, x, "out_proj")));
+  ag::Var m = ag::relu(c.t, c.linear("fc1", h));
+  return ln("final_layer_norm", ag::add(c.t, h, c.linear("fc2", m)));
+}
+
+}  // namespace
+
+std::vector<std::string> block_linear_sites(const ModelConfig& cfg) {
+  if (cfg.is_llama()) return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  return {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"};
+}
+
+std::map<std::string, ag::Var> block_params(const BlockWeights& w) {
+  std::map<std::string, ag::Var> out;
+  for (const auto& [key, tensor] : w.tensors) out[key] = ag::constant(tensor.alias(), key);
+  return out;
+}
+
+ag::Var decoder_block_forward(ag::Tape& t, const ModelConfig& cfg, const std::map<std::string, ag::Var>& params,
+                              const ag::Var& x, BlockHooks* hooks) {
+  OMNIQ_CHECK(x->value.ndim() == 3 && x->value.size(2) == cfg.hidden_size,
+              "decoder block: input must be [B, T, %lld], got %s", static_cast<long long>(cfg.hidden_size),
+              x->value.str().c_str());
+  BlockCtx c{t, params, hooks};
+  return cfg.is_llama() ? llama_block(c, cfg, x) : opt_block(c, cfg, x);
+}
+
+Tensor decoder_block_forward(const ModelConfig& cfg, const BlockWeights& w, const Tensor& x) {
+  ag::Tape t;
+  ag::Var y = decoder_block_forward(t, cfg, block_params(w), ag::constant(x.alias()), nullptr);
+  return std::move(y->value);
+}
+
+}  // namespace omniq

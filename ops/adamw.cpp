@@ -1,0 +1,44 @@
+// Argument checks and device dispatch for AdamW (the update itself is detail::adamw_update in adamw.h).
+#include "ops/adamw.h"
+
+#include <cmath>
+
+#include "runtime/error.h"
+
+namespace omniq {
+
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWConfig& cfg, int64_t step) {
+  const char* op = "adamw_step";
+  OMNIQ_CHECK(param.defined() && grad.defined() && m.defined() && v.defined(),
+              "%s: param, grad, m and v must all be defined", op);
+  check_dtype(param, DType::f32, op, "param");
+  check_dtype(grad, DType::f32, op, "grad");
+  check_dtype(m, DType::f32, op, "m");
+  check_dtype(v, DType::f32, op, "v");
+  OMNIQ_CHECK(grad.numel() == param.numel() && m.numel() == param.numel() && v.numel() == param.numel(),
+              "%s: param %s, grad %s, m %s and v %s must have the same number of elements", op, param.str().c_str(),
+              grad.str().c_str(), m.str().c_str(), v.str().c_str());
+  check_same_device(param, grad, op);
+  check_same_device(param, m, op);
+  check_same_device(param, v, op);
+  OMNIQ_CHECK(step >= 1, "%s: step is 1-based (the count of this update), got %lld", op, static_cast<long long>(step));
+  OMNIQ_CHECK(std::isfinite(cfg.lr) && cfg.lr >= 0.0f, "%s: lr must be finite and >= 0, got %g", op, cfg.lr);
+  OMNIQ_CHECK(cfg.beta1 >= 0.0f && cfg.beta1 < 1.0f && cfg.beta2 >= 0.0f && cfg.beta2 < 1.0f,
+              "%s: betas must lie in [0, 1), got (%g, %g)", op, cfg.beta1, cfg.beta2);
+  OMNIQ_CHECK(cfg.eps > 0.0f, "%s: eps must be > 0, got %g", op, cfg.eps);
+  OMNIQ_CHECK(std::isfinite(cfg.weight_decay) && cfg.weight_decay >= 0.0f, "%s: weight_decay must be >= 0, got %g",
+              op, cfg.weight_decay);
+  if (param.numel() == 0) return;
+  const detail::AdamWScalars s = detail::adamw_scalars(cfg, step);
+  if (param.device().is_cuda()) {
+#ifdef OMNIQ_HAS_CUDA
+    cuda::adamw_step(param, grad, m, v, s);
+#else
+    OMNIQ_FAIL("%s: this omniq was built without CUDA, but the tensors are on a CUDA device", op);
+#endif
+  } else {
+    cpu::adamw_step(param, grad, m, v, s);
+  }
+}
+
+}  // namespace omniq

@@ -1,0 +1,118 @@
+// Argument validation and device dispatch for the GEMM ops (see ops/matmul.h).
+#include "ops/matmul.h"
+
+#include "runtime/error.h"
+
+namespace omniq {
+
+namespace {
+
+bool is_gemm_dtype(DType dt) { return dt == DType::f32 || dt == DType::bf16 || dt == DType::f16; }
+
+void check_gemm_dtype(const Tensor& t, const char* op, const char* name) {
+  OMNIQ_CHECK(is_gemm_dtype(t.dtype()), "%s: %s is %s; supported dtypes are f32, bf16 and f16", op, name,
+              t.str().c_str());
+}
+
+void check_defined(const Tensor& t, const char* op, const char* name) {
+  OMNIQ_CHECK(t.defined(), "%s: %s is an undefined tensor", op, name);
+}
+
+#ifndef OMNIQ_HAS_CUDA
+[[noreturn]] void no_cuda(const char* op, const Tensor& t) {
+  OMNIQ_FAIL("%s: %s is on a CUDA device but omniq was built without CUDA (reconfigure with -DOMNIQ_CUDA=ON)",
+             op, t.str().c_str());
+}
+#endif
+
+void check_linear_operands(const Tensor& x, const Tensor& w, const char* op) {
+  check_defined(x, op, "x");
+  check_defined(w, op, "w");
+  check_gemm_dtype(x, op, "x");
+  OMNIQ_CHECK(x.dtype() == w.dtype(), "%s: x %s and w %s must have the same dtype", op, x.str().c_str(),
+              w.str().c_str());
+  check_same_device(x, w, op);
+  OMNIQ_CHECK(x.ndim() >= 1, "%s: x must have at least 1 dimension, got %s", op, x.str().c_str());
+  OMNIQ_CHECK(w.ndim() == 2, "%s: w must be [N, K], got %s", op, w.str().c_str());
+  OMNIQ_CHECK(x.cols() == w.size(1), "%s: x %s has K=%lld features but w %s expects K=%lld", op,
+              x.str().c_str(), (long long)x.cols(), w.str().c_str(), (long long)w.size(1));
+  OMNIQ_CHECK(x.cols() > 0, "%s: x %s has zero input features", op, x.str().c_str());
+}
+
+}  // namespace
+
+Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
+  const char* op = "linear_forward";
+  check_linear_operands(x, w, op);
+  if (bias) {
+    check_defined(*bias, op, "bias");
+    OMNIQ_CHECK(bias->ndim() == 1 && bias->size(0) == w.size(0), "%s: bias %s must be [N] = [%lld] for w %s", op,
+                bias->str().c_str(), (long long)w.size(0), w.str().c_str());
+    OMNIQ_CHECK(bias->dtype() == x.dtype(), "%s: bias %s must have x's dtype %s", op, bias->str().c_str(),
+                dtype_name(x.dtype()));
+    check_same_device(x, *bias, op);
+  }
+  if (x.device().is_cuda()) {
+#ifdef OMNIQ_HAS_CUDA
+    return cuda::linear_forward(x, w, bias);
+#else
+    no_cuda(op, x);
+#endif
+  }
+  return cpu::linear_forward(x, w, bias);
+}
+
+LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
+                            bool need_db) {
+  const char* op = "linear_backward";
+  check_linear_operands(x, w, op);
+  check_defined(dy, op, "dy");
+  OMNIQ_CHECK(dy.dtype() == x.dtype(), "%s: dy %s must have x's dtype %s", op, dy.str().c_str(),
+              dtype_name(x.dtype()));
+  check_same_device(dy, x, op);
+  OMNIQ_CHECK(dy.cols() == w.size(0) && dy.rows() == x.rows(),
+              "%s: dy %s does not match the output of x %s times w %s (expected %lld rows of %lld)", op,
+              dy.str().c_str(), x.str().c_str(), w.str().c_str(), (long long)x.rows(), (long long)w.size(0));
+  if (!need_dx && !need_dw && !need_db) return {};
+  if (x.device().is_cuda()) {
+#ifdef OMNIQ_HAS_CUDA
+    return cuda::linear_backward(dy, x, w, need_dx, need_dw, need_db);
+#else
+    no_cuda(op, x);
+#endif
+  }
+  return cpu::linear_backward(dy, x, w, need_dx, need_dw, need_db);
+}
+
+Tensor bmm(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,
+           std::optional<DType> out_dtype) {
+  const char* op = "bmm";
+  check_defined(a, op, "a");
+  check_defined(b, op, "b");
+  check_gemm_dtype(a, op, "a");
+  OMNIQ_CHECK(a.dtype() == b.dtype(), "%s: a %s and b %s must have the same dtype", op, a.str().c_str(),
+              b.str().c_str());
+  check_same_device(a, b, op);
+  OMNIQ_CHECK(a.ndim() >= 2 && a.ndim() == b.ndim(), "%s: a %s and b %s must both be [..., rows, cols] of one rank",
+              op, a.str().c_str(), b.str().c_str());
+  for (int i = 0; i + 2 < a.ndim(); ++i)
+    OMNIQ_CHECK(a.size(i) == b.size(i), "%s: batch dims of a %s and b %s differ", op, a.str().c_str(),
+                b.str().c_str());
+  const int64_t ka = trans_a ? a.size(-2) : a.size(-1);
+  const int64_t kb = trans_b ? b.size(-1) : b.size(-2);
+  OMNIQ_CHECK(ka == kb, "%s: inner dims differ: op(a) of %s (trans_a=%d) has K=%lld, op(b) of %s (trans_b=%d) has K=%lld",
+              op, a.str().c_str(), trans_a, (long long)ka, b.str().c_str(), trans_b, (long long)kb);
+  OMNIQ_CHECK(ka > 0, "%s: inner dim K of a %s and b %s is zero", op, a.str().c_str(), b.str().c_str());
+  const DType odt = out_dtype.value_or(a.dtype());
+  OMNIQ_CHECK(is_gemm_dtype(odt), "%s: out_dtype %s is not a float dtype (f32, bf16, f16)", op, dtype_name(odt));
+  if (a.device().is_cuda()) {
+#ifdef OMNIQ_HAS_CUDA
+    return cuda::bmm(a, b, trans_a, trans_b, alpha, odt);
+#else
+    no_cuda(op, a);
+#endif
+  }
+  return cpu::bmm(a, b, trans_a, trans_b, alpha, odt);
+}
+
+}  // namespace omniq
