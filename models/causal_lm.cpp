@@ -18,25 +18,26 @@ CausalLM::CausalLM(const std::string& model_dir, DType compute, Device dev) : co
   head_ = ckpt.load_head(compute, dev, &embeddings_);
 }
 
-Tensor CausalLM::embed(const Tensor& ids_any) const {
+Tensor embed_tokens(const ModelConfig& cfg, const NamedWeights& embeddings, const Tensor& ids_any, Device dev) {
   OMNIQ_CHECK(ids_any.ndim() == 2 && ids_any.dtype() == DType::i32, "embed: ids must be i32 [B, T], got %s",
               ids_any.str().c_str());
-  Tensor ids = ids_any.device() == device_ ? ids_any.alias() : ids_any.to(device_);
+  Tensor ids = ids_any.device() == dev ? ids_any.alias() : ids_any.to(dev);
   int64_t B = ids.size(0), T = ids.size(1);
-  Tensor x = embedding_forward(ids, embeddings_.get("embed_tokens.weight"));  // [B, T, E]
-  if (const Tensor* proj = embeddings_.find("project_in.weight")) x = linear_forward(x, *proj);
-  if (config_.is_opt()) {
+  Tensor x = embedding_forward(ids, embeddings.get("embed_tokens.weight"));  // [B, T, E]
+  if (const Tensor* proj = embeddings.find("project_in.weight")) x = linear_forward(x, *proj);
+  if (cfg.is_opt()) {
     // OPT's learned positions: row = position + 2 (transformers' OPTLearnedPositionalEmbedding).
-    OMNIQ_CHECK(T <= config_.max_position_embeddings, "sequence of %lld tokens exceeds max_position_embeddings %lld",
-                static_cast<long long>(T), static_cast<long long>(config_.max_position_embeddings));
+    OMNIQ_CHECK(T <= cfg.max_position_embeddings, "sequence of %lld tokens exceeds max_position_embeddings %lld",
+                static_cast<long long>(T), static_cast<long long>(cfg.max_position_embeddings));
     std::vector<int32_t> pos(static_cast<size_t>(B * T));
-    for (int64_t i = 0; i < B * T; ++i) pos[static_cast<size_t>(i)] = static_cast<int32_t>(i % T + config_.position_offset);
-    Tensor pos_ids = Tensor::from_i32(pos, {B, T}, device_);
-    Tensor p = embedding_forward(pos_ids, embeddings_.get("embed_positions.weight"));
-    x = add(x, p);
+    for (int64_t i = 0; i < B * T; ++i) pos[static_cast<size_t>(i)] = static_cast<int32_t>(i % T + cfg.position_offset);
+    Tensor pos_ids = Tensor::from_i32(pos, {B, T}, dev);
+    x = add(x, embedding_forward(pos_ids, embeddings.get("embed_positions.weight")));
   }
   return x;
 }
+
+Tensor CausalLM::embed(const Tensor& ids) const { return embed_tokens(config_, embeddings_, ids, device_); }
 
 Tensor CausalLM::head(const Tensor& hidden) const {
   Tensor h = hidden.alias();
@@ -51,7 +52,10 @@ Tensor CausalLM::head(const Tensor& hidden) const {
 }
 
 Tensor CausalLM::block_forward(int64_t i, const Tensor& x) const {
-  return decoder_block_forward(config_, blocks_.at(static_cast<size_t>(i)), x);
+  if (!hooks_) return decoder_block_forward(config_, blocks_.at(static_cast<size_t>(i)), x);
+  ag::Tape t;
+  return std::move(decoder_block_forward(t, config_, block_params(blocks_.at(static_cast<size_t>(i))),
+                                         ag::constant(x.alias()), hooks_)->value);
 }
 
 Tensor CausalLM::forward(const Tensor& ids) const {

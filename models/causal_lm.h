@@ -6,10 +6,15 @@
 #include <vector>
 
 #include "models/checkpoint.h"
+#include "models/decoder_block.h"
 #include "models/model_config.h"
 #include "runtime/tensor.h"
 
 namespace omniq {
+
+// Token (+ OPT position) embeddings of ids [B, T] -> [B, T, C] on `dev`, from the tensors of
+// ModelCheckpoint::load_embeddings. Positions are 0..T-1 for every row.
+Tensor embed_tokens(const ModelConfig& cfg, const NamedWeights& embeddings, const Tensor& ids, Device dev);
 
 class CausalLM {
  public:
@@ -27,6 +32,8 @@ class CausalLM {
   // hidden [B, T, C] -> logits [B, T, V] in the compute dtype.
   Tensor head(const Tensor& hidden) const;
   Tensor block_forward(int64_t i, const Tensor& x) const;
+  // Hooks applied in every block (e.g. activation quantizers of a weight-activation model); null: none.
+  void set_block_hooks(BlockHooks* hooks) { hooks_ = hooks; }
   Tensor forward(const Tensor& ids) const;  // logits [B, T, V]
 
  private:
@@ -36,6 +43,7 @@ class CausalLM {
   NamedWeights embeddings_;
   std::vector<BlockWeights> blocks_;
   NamedWeights head_;
+  BlockHooks* hooks_ = nullptr;
 };
 
 }  // namespace omniq

@@ -25,6 +25,7 @@ bool is_dir(const std::string& p) {
 std::string one_line(std::string s) {
   for (char& c : s)
     if (c == '\n' || c == '\r') c = ' ';
+  if (s.size() > 240) s = s.substr(0, 240) + "...";  // parser messages quote the input they choked on
   return s;
 }
 

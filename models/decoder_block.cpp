@@ -85,6 +85,28 @@ std::vector<std::string> block_linear_sites(const ModelConfig& cfg) {
   return {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"};
 }
 
+std::vector<TransformPair> block_transform_pairs(const ModelConfig& cfg) {
+  using K = TransformPair::Kind;
+  int64_t C = cfg.hidden_size, kv = cfg.kv_dim();
+  if (cfg.is_llama()) {
+    return {
+        {"qkv", K::norm_to_linears, "input_layernorm", {"q_proj", "k_proj", "v_proj"}, C, false},
+        {"out", K::rows_to_columns, "v_proj", {"o_proj"}, kv, cfg.attention_bias},
+        {"fc1", K::norm_to_linears, "post_attention_layernorm", {"gate_proj", "up_proj"}, C, false},
+        {"qkt", K::q_rows_to_k_rows, "q_proj", {"k_proj"}, kv, cfg.attention_bias},
+    };
+  }
+  // OPT (pre-LN only: with post-LN the norm is not the consumers' producer).
+  if (!cfg.do_layer_norm_before) return {};
+  bool affine = cfg.layer_norm_elementwise_affine;
+  return {
+      {"qkv", K::norm_to_linears, "self_attn_layer_norm", {"q_proj", "k_proj", "v_proj"}, C, affine},
+      {"out", K::rows_to_columns, "v_proj", {"out_proj"}, kv, cfg.enable_bias},
+      {"fc1", K::norm_to_linears, "final_layer_norm", {"fc1"}, C, affine},
+      {"qkt", K::q_rows_to_k_rows, "q_proj", {"k_proj"}, kv, cfg.enable_bias},
+  };
+}
+
 std::map<std::string, ag::Var> block_params(const BlockWeights& w) {
   std::map<std::string, ag::Var> out;
   for (const auto& [key, tensor] : w.tensors) out[key] = ag::constant(tensor.alias(), key);

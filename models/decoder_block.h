@@ -27,8 +27,27 @@ struct BlockHooks {
   virtual ag::Var activation(ag::Tape& t, const std::string& site, const ag::Var& x) { return x; }
 };
 
-// Linear sites of a block in forward order, and the attention operand sites.
+// Linear sites of a block in forward order.
 std::vector<std::string> block_linear_sites(const ModelConfig& cfg);
+
+// An equivalent-transform pair of the architecture (OmniQuant's LET, SmoothQuant/AWQ scaling):
+// the producer's output channels are divided by a per-channel scale s (and shifted by δ where the
+// producer has a bias path), the consumers' input columns multiplied by s, so the block computes
+// the same function. Facts of the architecture, kept here as data.
+struct TransformPair {
+  enum class Kind {
+    norm_to_linears,   // producer: a norm (weight, and bias for LayerNorm); consumers' columns · s
+    rows_to_columns,   // producer: a Linear's output rows (v_proj); consumer: o_proj/out_proj columns
+    q_rows_to_k_rows,  // q_proj rows ÷ s, k_proj rows · s: QKᵀ unchanged
+  };
+  std::string name;                    // "qkv", "out", "fc1", "qkt"
+  Kind kind;
+  std::string producer;                // norm key prefix ("input_layernorm") or Linear site ("v_proj", "q_proj")
+  std::vector<std::string> consumers;  // Linear sites
+  int64_t channels = 0;                // length of s (producer output channels; for GQA the kv width)
+  bool producer_has_bias = false;      // a shift δ can be absorbed
+};
+std::vector<TransformPair> block_transform_pairs(const ModelConfig& cfg);
 
 // Wraps loaded block weights as constant Vars (views, no copies), keyed like the weights.
 std::map<std::string, ag::Var> block_params(const BlockWeights& w);

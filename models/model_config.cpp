@@ -19,6 +19,7 @@ namespace {
 std::string one_line(std::string s) {
   for (char& c : s)
     if (c == '\n' || c == '\r') c = ' ';
+  if (s.size() > 240) s = s.substr(0, 240) + "...";  // parser messages quote the input they choked on
   return s;
 }
 

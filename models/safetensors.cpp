@@ -47,6 +47,7 @@ const DTypeEntry* find_dtype(const std::string& s) {
 std::string one_line(std::string s) {
   for (char& c : s)
     if (c == '\n' || c == '\r') c = ' ';
+  if (s.size() > 240) s = s.substr(0, 240) + "...";  // parser messages quote the input they choked on
   return s;
 }
 

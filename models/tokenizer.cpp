@@ -149,8 +149,10 @@ std::vector<int32_t> Tokenizer::encode(const std::string& text, bool add_special
         ids.push_back(sub.id);
         continue;
       }
-      // Original offset 0 <=> the raw segment starts the text and this piece starts the segment
-      // (exact for everything but normalized added tokens right after a Prepend, see header).
+      // Metaspace "first" asks whether the piece's ORIGINAL offset is 0: true when the raw segment
+      // starts the text and the piece starts the normalized segment. (Not modelled: a piece after a
+      // normalized=true added token that itself began with text a normalizer inserted, which also
+      // maps to offset 0 in the library; no supported tokenizer combines those.)
       pieces.clear();
       pieces.push_back({norm.substr(sub.begin, sub.end - sub.begin), seg.begin == 0 && sub.begin == 0});
       pre_tokenize(d.pre_tokenizers, pieces);

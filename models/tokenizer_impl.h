@@ -50,7 +50,7 @@ std::string normalize(const std::vector<NormalizerStep>& steps, std::string s);
 // ---- pre-tokenizers (tokenizer_pretok.cpp) -----------------------------------------------------
 enum class PrependScheme { kAlways, kFirst, kNever };
 struct PreTokenizerStep {
-  enum Kind { kMetaspace, kByteLevel } kind;
+  enum Kind { kMetaspace, kByteLevel } kind = kMetaspace;
   std::string replacement = "\xE2\x96\x81";  // Metaspace: U+2581 '▁'
   PrependScheme prepend_scheme = PrependScheme::kAlways;
   bool split = true;              // Metaspace: cut before every replacement char
@@ -93,7 +93,7 @@ struct BpeModel {
 
 // ---- decoders (tokenizer_decode.cpp) -----------------------------------------------------------
 struct DecoderStep {
-  enum Kind { kReplace, kByteFallback, kFuse, kStrip, kByteLevel, kMetaspace } kind;
+  enum Kind { kReplace, kByteFallback, kFuse, kStrip, kByteLevel, kMetaspace } kind = kFuse;
   std::string pattern, content;  // Replace
   uint32_t strip_char = ' ';     // Strip
   size_t strip_start = 0, strip_stop = 0;

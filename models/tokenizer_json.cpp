@@ -116,13 +116,15 @@ void parse_pre_tokenizer(const json& j, const std::string& src, std::vector<PreT
   if (t == "Sequence") {
     for (const json& p : j.at("pretokenizers")) parse_pre_tokenizer(p, src, out);
   } else if (t == "Metaspace") {
-    PreTokenizerStep st{PreTokenizerStep::kMetaspace};
+    PreTokenizerStep st;
+    st.kind = PreTokenizerStep::kMetaspace;
     st.replacement = one_char(j, "replacement", "\xE2\x96\x81", src);
     st.prepend_scheme = parse_scheme(j, src);
     st.split = get_bool(j, "split", true);
     out.push_back(st);
   } else if (t == "ByteLevel") {
-    PreTokenizerStep st{PreTokenizerStep::kByteLevel};
+    PreTokenizerStep st;
+    st.kind = PreTokenizerStep::kByteLevel;
     st.add_prefix_space = get_bool(j, "add_prefix_space", true);
     st.use_regex = get_bool(j, "use_regex", true);
     out.push_back(st);
@@ -175,7 +177,7 @@ void parse_post_processor(const json& j, const std::string& src, TokenizerData& 
 
 void parse_decoder(const json& j, const std::string& src, std::vector<DecoderStep>& out) {
   std::string t = type_of(j, src, "decoder");
-  DecoderStep st{DecoderStep::kFuse};
+  DecoderStep st;
   if (t == "Sequence") {
     for (const json& dj : j.at("decoders")) parse_decoder(dj, src, out);
     return;
@@ -326,11 +328,14 @@ std::shared_ptr<TokenizerData> load_gpt2_pair(const std::string& vocab_json, con
                 line.c_str());
     d->model.add_merge(line.substr(0, sp), line.substr(sp + 1), rank++, "GPT-2 merges file '" + merges_txt + "'");
   }
-  PreTokenizerStep pre{PreTokenizerStep::kByteLevel};
+  PreTokenizerStep pre;
+  pre.kind = PreTokenizerStep::kByteLevel;
   pre.add_prefix_space = false;
   d->pre_tokenizers.push_back(pre);
   d->has_decoder = true;
-  d->decoders.push_back(DecoderStep{DecoderStep::kByteLevel});
+  DecoderStep dec;
+  dec.kind = DecoderStep::kByteLevel;
+  d->decoders.push_back(dec);
   auto eot = d->model.vocab.find("<|endoftext|>");
   if (eot != d->model.vocab.end()) {
     AddedToken t;

@@ -91,7 +91,7 @@ std::vector<std::pair<size_t, size_t>> gpt2_split(const std::string& s) {
   // For the regex only letters, numbers and \s matter: marks and Pc are "other" there.
   auto klass = [&](size_t i) -> int {
     uint8_t c = cls[i];
-    return (c == kLetter || c == kNumber || c == kSpace) ? c : kOther;
+    return (c == kLetter || c == kNumber || c == kSpace) ? int(c) : int(kOther);
   };
   auto run_end = [&](size_t i, int k) {
     while (i < n && klass(i) == k) ++i;

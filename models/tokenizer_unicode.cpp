@@ -20,7 +20,7 @@ struct AsciiClasses {
         std::upper_bound(kUnicodeRuns, end, cp, [](uint32_t v, const UnicodeRun& r) { return v < r.first; });
     if (it == kUnicodeRuns) return kOther;
     --it;
-    return cp <= it->last ? it->cls : kOther;
+    return cp <= it->last ? it->cls : uint8_t(kOther);
   }
 };
 

@@ -7,7 +7,8 @@
 //   m̂_t ← m_t / (1 − β1^t)
 //   v̂_t ← v_t / (1 − β2^t)
 //   θ_t ← θ_t − γ·m̂_t / (√v̂_t + ε)
-// Arranged as PyTorch's single-tensor implementation computes it, so the rounding matches too:
+// Arranged as PyTorch's single-tensor implementation computes it (same operation order; PyTorch's
+// own rounding may still differ in the last bit where its compiler contracts a multiply-add):
 //   p *= 1 − lr·wd;  m.lerp_(g, 1 − β1);  v = v·β2 + (1 − β2)·g²;
 //   denom = √v / √(1 − β2^t) + ε;  p −= (lr / (1 − β1^t)) · m / denom
 // The bias corrections and step size are computed on the host in double (as Python floats are).

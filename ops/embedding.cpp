@@ -53,12 +53,10 @@ Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab) {
   OMNIQ_CHECK(dy.defined(), "%s: dy is undefined", op);
   check_float(dy, op, "dy");
   OMNIQ_CHECK(vocab > 0, "%s: vocab must be positive, got %lld", op, static_cast<long long>(vocab));
-  OMNIQ_CHECK(dy.ndim() == ids.ndim() + 1 && dy.rows() == ids.numel(),
-              "%s: dy %s must be ids' shape %s followed by the embedding dim", op, dy.str().c_str(),
+  // dy is (..., C) whose leading dims flatten to the N ids (usually ids' own shape).
+  OMNIQ_CHECK(dy.ndim() >= 2 && dy.rows() == ids.numel(),
+              "%s: dy %s must have one row of the embedding dim per id (ids %s)", op, dy.str().c_str(),
               ids.shape().str().c_str());
-  for (int i = 0; i < ids.ndim(); ++i)
-    OMNIQ_CHECK(dy.size(i) == ids.size(i), "%s: dy %s must be ids' shape %s followed by the embedding dim", op,
-                dy.str().c_str(), ids.shape().str().c_str());
   if (dy.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
     if (ids.device().is_cpu()) {

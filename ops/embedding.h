@@ -18,8 +18,8 @@ namespace omniq {
 Tensor embedding_forward(const Tensor& ids, const Tensor& table);
 
 // dtable[v, :] = sum of dy[n, :] over the positions n with ids[n] == v -> f32 (V, C), zeros where a
-// token does not occur. dy is (..., C) with ids' leading shape. CUDA accumulates with atomicAdd,
-// so the summation order (last bits) may vary between runs.
+// token does not occur. dy is (..., C) with one row per id (usually ids' shape followed by C).
+// CUDA accumulates with atomicAdd, so the summation order (last bits) may vary between runs.
 Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab);
 
 namespace cpu {

@@ -17,9 +17,10 @@
 //     mean = mean(x), rstd = 1 / sqrt(mean((x − mean)²) + eps)       (fp32)
 //     y    = to_dtype((x − mean) · rstd · w + b)                      (one rounding at the end)
 //
-// Backward: dy has x's shape and dtype; dx comes back in x's dtype, dw/db in f32 [C]. The backward
-// treats RMSNorm's rounding of x̂ as the identity for dx (dx̂ = dy·w in fp32), but uses the rounded
-// x̂ for dw = Σ_rows dy·x̂ — exactly what PyTorch's autograd does for that expression.
+// Backward: dy has x's shape and dtype; dx comes back in x's dtype, dw/db in f32 [C]. For RMSNorm,
+// dw = Σ_rows dy·x̂ uses x̂ rounded as the forward used it (as PyTorch's autograd does); for dx the
+// rounding is treated as the identity (straight-through) and dx̂ = dy·w stays fp32, where PyTorch
+// would round dx̂ to bf16 first — a difference below the bf16 resolution of dx.
 // The backward functions return fresh gradients (no accumulation; autograd does the `+=`).
 // dw/db are column sums over all rows; on CUDA they are reduced in a fixed order (per-chunk partial
 // sums in an f32 scratch, then a second kernel), so results are deterministic run to run.

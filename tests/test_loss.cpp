@@ -1,5 +1,6 @@
 // Cross entropy and MSE: CPU values against double formulas, finite-difference checks of the
 // backward passes, and CUDA against the CPU reference (f32 and bf16, LLaMA/OPT vocabulary sizes).
+#include <algorithm>
 #include <cmath>
 #include <vector>
 

@@ -3,10 +3,11 @@
 // test perplexity (CPU fp32 and CUDA fp32 within 0.1%, CUDA bf16 within 0.5%).
 // The nano models are bundled; the small ones are read from ../shared/models when present.
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "experiments/datasets.h"
+#include "models/datasets.h"
 #include "models/causal_lm.h"
 #include "models/perplexity.h"
 #include "models/tokenizer.h"
@@ -24,6 +25,11 @@ struct Fixture {
 bool file_exists(const std::string& p) { return std::ifstream(p).good(); }
 
 std::string model_dir(const std::string& name) {
+  // OMNIQ_ZOO_DIR: a folder holding the zoo models (e.g. copied next to the build on the GPU machine).
+  if (const char* zoo = std::getenv("OMNIQ_ZOO_DIR")) {
+    std::string p = std::string(zoo) + "/" + name;
+    if (file_exists(p + "/config.json")) return p;
+  }
   std::string bundled = test::source_path("data/models/" + name);
   if (file_exists(bundled + "/config.json")) return bundled;
   return test::shared_path("models/" + name);

@@ -4,5 +4,6 @@
 namespace omniq::cli {
 
 int run_eval(int argc, char** argv);
+int run_calibrate(int argc, char** argv);
 
 }  // namespace omniq::cli

@@ -1,14 +1,19 @@
 // omniq eval: perplexity of a model folder (original or quantized) on named datasets or text files.
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
+#include <memory>
 
 #include "experiments/cli/args.h"
 #include "experiments/cli/commands.h"
-#include "experiments/datasets.h"
+#include "models/datasets.h"
 #include "experiments/progress.h"
 #include "models/causal_lm.h"
 #include "models/perplexity.h"
 #include "models/tokenizer.h"
+#include "quant/act_quant_hooks.h"
+#include "quant/calibrate.h"
+#include "quant/quant_config.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
 
@@ -56,6 +61,18 @@ int run_eval(int argc, char** argv) {
   std::string dir = a.get("model");
   Tokenizer tok = Tokenizer::from_model_dir(dir);
   CausalLM model(dir, dt, dev);
+  // A weight-activation model exported by omniq calibrate: its activations are quantized at run time.
+  std::unique_ptr<ActivationQuantHooks> act_hooks;
+  std::string qpath = dir + "/" + kQuantConfigFile;
+  if (std::ifstream qf{qpath}) {
+    std::string text((std::istreambuf_iterator<char>(qf)), std::istreambuf_iterator<char>());
+    QuantConfig qc = QuantConfig::from_json(text, qpath);
+    std::printf("quantized by omniq: %s %s\n", qc.method.c_str(), qc.setting_name().c_str());
+    if (qc.act_quant()) {
+      act_hooks = std::make_unique<ActivationQuantHooks>(qc.abits);
+      model.set_block_hooks(act_hooks.get());
+    }
+  }
   int64_t seqlen = a.get_int("seqlen");
   if (seqlen == 0) seqlen = std::min<int64_t>(2048, model.config().max_position_embeddings);
   OMNIQ_CHECK(seqlen >= 2 && seqlen <= model.config().max_position_embeddings,

@@ -14,11 +14,14 @@ void print_usage() {
       "usage: omniq <command> [options]\n"
       "\n"
       "commands:\n"
+      "  calibrate  quantize a model (RTN or OmniQuant: LWC, LET) and write a Hugging Face folder\n"
       "  eval       perplexity of a Hugging Face LLaMA/OPT model folder on WikiText-2 or any text file\n"
       "\n"
       "Run `omniq <command> --help` for the options of a command.\n"
       "\n"
       "examples:\n"
+      "  omniq calibrate --model data/models/llama-nano --wbits 3 --lwc --epochs 2 --nsamples 16 --seqlen 256 --out out/w3\n"
+      "  omniq eval --model out/w3\n"
       "  omniq eval --model data/models/llama-nano --device cpu\n"
       "  omniq eval --model /path/to/Llama-2-7b-hf --device cuda --dtype bf16 --seqlen 2048");
 }
@@ -33,6 +36,7 @@ int main(int argc, char** argv) {
   std::string cmd = argv[1];
   try {
     if (cmd == "eval") return omniq::cli::run_eval(argc - 2, argv + 2);
+    if (cmd == "calibrate") return omniq::cli::run_calibrate(argc - 2, argv + 2);
     std::fprintf(stderr, "omniq: unknown command '%s'\n\n", cmd.c_str());
     print_usage();
     return 2;

@@ -1,4 +1,4 @@
-#include "experiments/datasets.h"
+#include "models/datasets.h"
 
 #include <cstdlib>
 #include <fstream>

@@ -1,0 +1,64 @@
+#include "autograd/quant_functions.h"
+
+#include "ops/embedding.h"
+#include "runtime/error.h"
+
+namespace omniq::ag {
+
+Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta) {
+  OMNIQ_CHECK((gamma == nullptr) == (beta == nullptr), "fake_quant_weight: give both LWC gamma and beta, or neither");
+  const Tensor* g = gamma ? &gamma->value : nullptr;
+  const Tensor* b = beta ? &beta->value : nullptr;
+  Var y = constant(fake_quant_weight_forward(w->value, spec, g, b));
+  std::vector<Var> inputs{w};
+  if (gamma) {
+    inputs.push_back(gamma);
+    inputs.push_back(beta);
+  }
+  t.record(inputs, y, [w, spec, gamma, beta](const Tensor& dy) {
+    FakeQuantWeightGrads gr = fake_quant_weight_backward(dy, w->value, spec, gamma ? &gamma->value : nullptr,
+                                                         beta ? &beta->value : nullptr, w->requires_grad);
+    accumulate_grad(*w, std::move(gr.dw));
+    if (gamma) {
+      accumulate_grad(*gamma, std::move(gr.dgamma));
+      accumulate_grad(*beta, std::move(gr.dbeta));
+    }
+  });
+  return y;
+}
+
+Var fake_quant_act(Tape& t, const Var& x, int bits) {
+  if (bits >= 16) return x;
+  Var y = constant(fake_quant_act_forward(x->value, bits));
+  t.record({x}, y, [x, bits](const Tensor& dy) { accumulate_grad(*x, fake_quant_act_backward(dy, x->value, bits)); });
+  return y;
+}
+
+Var abs_floor_ste(Tape& t, const Var& s, float floor) {
+  Var y = constant(omniq::abs_floor_ste(s->value, floor));
+  t.record({s}, y, [s](const Tensor& dy) { accumulate_grad(*s, abs_floor_ste_backward(dy)); });
+  return y;
+}
+
+Var cast(Tape& t, const Var& x, DType dtype) {
+  if (x->value.dtype() == dtype) return x;
+  Var y = constant(x->value.to(dtype));
+  t.record({x}, y, [x](const Tensor& dy) { accumulate_grad(*x, dy.to(x->value.dtype())); });
+  return y;
+}
+
+Var gather(Tape& t, const Var& v, const Tensor& idx) {
+  OMNIQ_CHECK(v->value.ndim() == 1, "gather: v must be a vector, got %s", v->value.str().c_str());
+  int64_t n = v->value.numel();
+  // A vector is an embedding table with one column: reuse the embedding gather and its scatter-add.
+  Tensor table = v->value.reshape({n, 1});
+  Var y = constant(embedding_forward(idx, table).reshape({idx.numel()}));
+  auto saved_idx = std::make_shared<Tensor>(idx.alias());
+  t.record({v}, y, [v, saved_idx, n](const Tensor& dy) {
+    Tensor g = embedding_backward(dy.reshape({dy.numel(), 1}), *saved_idx, n);
+    accumulate_grad(*v, g.reshape({n}));
+  });
+  return y;
+}
+
+}  // namespace omniq::ag

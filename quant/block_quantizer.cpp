@@ -1,0 +1,239 @@
+#include "quant/block_quantizer.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "autograd/functions.h"
+#include "autograd/quant_functions.h"
+#include "ops/reduce.h"
+#include "runtime/error.h"
+
+namespace omniq {
+
+// ---------------------------------------------------------------------------------------------
+// statistics
+
+namespace {
+void merge_max(Tensor& acc, Tensor v, bool take_max) {
+  if (!acc.defined()) {
+    acc = std::move(v);
+    return;
+  }
+  std::vector<float> a = acc.to_f32_vector(), b = v.to_f32_vector();
+  for (size_t i = 0; i < a.size(); ++i) a[i] = take_max ? std::max(a[i], b[i]) : std::min(a[i], b[i]);
+  acc = Tensor::from_f32(a, acc.shape(), DType::f32, acc.device());
+}
+
+std::pair<std::string, std::string> split_key(const std::string& key) {
+  size_t dot = key.rfind('.');
+  OMNIQ_CHECK(dot != std::string::npos, "parameter key '%s' has no '.weight'/'.bias' suffix", key.c_str());
+  return {key.substr(0, dot), key.substr(dot + 1)};
+}
+
+bool contains(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+}  // namespace
+
+ag::Var ActivationStatsRecorder::activation(ag::Tape&, const std::string& site, const ag::Var& x) {
+  if (site == "q" || site == "k" || site == "v") return x;
+  ChannelStats& s = stats_[site];
+  merge_max(s.absmax, col_absmax(x->value), true);
+  merge_max(s.max, col_max(x->value), true);
+  merge_max(s.min, col_min(x->value), false);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// construction and initialisation
+
+BlockQuantizer::BlockQuantizer(const ModelConfig& cfg, const QuantConfig& qc, const BlockWeights& weights,
+                               const std::map<std::string, ChannelStats>* stats, DType compute)
+    : cfg_(cfg), qc_(qc), compute_(compute), originals_(block_params(weights)) {
+  Device dev = weights.get(block_linear_sites(cfg)[0] + ".weight").device();
+  bool omni = qc.method == "omniquant";
+  const int64_t H = cfg.num_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim;
+
+  // GQA: q channel h*D+d reads kv channel (h / (H/Hkv))*D + d.
+  std::vector<int32_t> kv_of_q(static_cast<size_t>(H * D));
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < D; ++d) kv_of_q[static_cast<size_t>(h * D + d)] = static_cast<int32_t>((h / (H / Hkv)) * D + d);
+  kv_to_q_index_ = Tensor::from_i32(kv_of_q, {H * D}, dev);
+  // RoPE rotates channel d with d + D/2: the qkt scale must be equal on both (spec §4).
+  std::vector<int32_t> tie(static_cast<size_t>(Hkv * D));
+  for (int64_t h = 0; h < Hkv; ++h)
+    for (int64_t d = 0; d < D; ++d) tie[static_cast<size_t>(h * D + d)] = static_cast<int32_t>(h * (D / 2) + d % (D / 2));
+  rope_tie_index_ = Tensor::from_i32(tie, {Hkv * D}, dev);
+
+  // LWC: γ, β per weight group, initialised to 4 (σ(4) ≈ 0.982).
+  if (omni && qc.lwc && qc.weight_quant()) {
+    for (const std::string& site : block_linear_sites(cfg)) {
+      const Tensor& w = weights.get(site + ".weight");
+      int64_t g = qc.group_size > 0 ? qc.group_size : w.size(1);
+      WeightQuantSpec{qc.wbits, qc.group_size, qc.symmetric}.validate(w.size(1), site.c_str());
+      int64_t n = w.size(0) * (w.size(1) / g);
+      learned_[site + ".lwc_gamma"] = ag::parameter(Tensor::full({n}, 4.0f, DType::f32, dev), site + ".lwc_gamma");
+      learned_[site + ".lwc_beta"] = ag::parameter(Tensor::full({n}, 4.0f, DType::f32, dev), site + ".lwc_beta");
+    }
+  }
+  if (!(omni && qc.let)) return;
+
+  pairs_ = block_transform_pairs(cfg);
+  for (const TransformPair& p : pairs_) {
+    bool shift = cfg.is_opt() && qc.act_quant() && p.producer_has_bias && p.kind != TransformPair::Kind::q_rows_to_k_rows;
+    for (const std::string& c : p.consumers) shift = shift && weights.has(c + ".bias");
+    pair_has_shift_[p.name] = shift;
+
+    if (p.kind == TransformPair::Kind::q_rows_to_k_rows) {
+      int64_t n = cfg.is_llama() ? p.channels / 2 : p.channels;
+      learned_[p.name + ".let_scale"] = ag::parameter(Tensor::full({n}, 1.0f, DType::f32, dev), p.name + ".let_scale");
+      continue;
+    }
+    OMNIQ_CHECK(stats != nullptr, "LET needs calibration activation statistics");
+    const std::string& first = p.consumers[0];
+    auto it = stats->find(first);
+    OMNIQ_CHECK(it != stats->end(), "LET: no activation statistics recorded for %s", first.c_str());
+    std::vector<float> act = it->second.absmax.to_f32_vector();
+    std::vector<float> amax = it->second.max.to_f32_vector(), amin = it->second.min.to_f32_vector();
+    std::vector<float> wabs(act.size(), 0.0f);
+    for (const std::string& c : p.consumers) {
+      std::vector<float> col = col_absmax(weights.get(c + ".weight")).to_f32_vector();
+      for (size_t i = 0; i < col.size(); ++i) wabs[i] = std::max(wabs[i], col[i]);
+    }
+    // The out pair's statistics are over o_proj's inputs (H·D); its scale lives on v's rows (Hkv·D):
+    // take the max over the query heads that share a kv head.
+    auto reduce_to = [&](std::vector<float> v, bool is_min) {
+      if (static_cast<int64_t>(v.size()) == p.channels) return v;
+      std::vector<float> r(static_cast<size_t>(p.channels), is_min ? INFINITY : -INFINITY);
+      for (size_t q = 0; q < v.size(); ++q) {
+        float& slot = r[static_cast<size_t>(kv_of_q[q])];
+        slot = is_min ? std::min(slot, v[q]) : std::max(slot, v[q]);
+      }
+      return r;
+    };
+    act = reduce_to(act, false);
+    wabs = reduce_to(wabs, false);
+    amax = reduce_to(amax, false);
+    amin = reduce_to(amin, true);
+    std::vector<float> s(act.size()), d(act.size());
+    for (size_t i = 0; i < s.size(); ++i) {
+      double a = std::max(act[i], 1e-5f), w = std::max(wabs[i], 1e-5f);
+      s[i] = static_cast<float>(std::max(std::pow(a, qc.let_alpha) / std::pow(w, 1.0 - qc.let_alpha), 1e-5));
+      d[i] = 0.5f * (amax[i] + amin[i]);
+    }
+    learned_[p.name + ".let_scale"] = ag::parameter(Tensor::from_f32(s, {p.channels}, DType::f32, dev), p.name + ".let_scale");
+    if (shift) {
+      learned_[p.name + ".let_shift"] = ag::parameter(Tensor::from_f32(d, {p.channels}, DType::f32, dev), p.name + ".let_shift");
+    }
+  }
+}
+
+std::vector<ag::Var> BlockQuantizer::lwc_params() const {
+  std::vector<ag::Var> out;
+  for (const auto& [name, v] : learned_)
+    if (name.find(".lwc_") != std::string::npos) out.push_back(v);
+  return out;
+}
+
+std::vector<ag::Var> BlockQuantizer::let_params() const {
+  std::vector<ag::Var> out;
+  for (const auto& [name, v] : learned_)
+    if (name.find(".let_") != std::string::npos) out.push_back(v);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the transform
+
+ag::Var BlockQuantizer::scale_of(ag::Tape& t, const std::string& pair_name, bool expand_to_q) {
+  ag::Var s = ag::abs_floor_ste(t, learned_.at(pair_name + ".let_scale"), qc_.let_scale_floor);
+  if (pair_name == "qkt" && cfg_.is_llama()) s = ag::gather(t, s, rope_tie_index_);
+  if (expand_to_q && cfg_.num_heads != cfg_.num_kv_heads) s = ag::gather(t, s, kv_to_q_index_);
+  return s;
+}
+
+ag::Var BlockQuantizer::shift_of(const std::string& pair_name, bool expand_to_q) const {
+  auto it = learned_.find(pair_name + ".let_shift");
+  if (it == learned_.end()) return nullptr;
+  OMNIQ_CHECK(!expand_to_q || cfg_.num_heads == cfg_.num_kv_heads, "LET shifts with GQA are not supported");
+  return it->second;
+}
+
+ag::Var BlockQuantizer::linear_weight(ag::Tape&, const std::string& site) { return originals_.at(site + ".weight"); }
+
+ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag::Var& p) {
+  auto [prefix, leaf] = split_key(key);
+  bool is_weight = leaf == "weight";
+  ag::Var v = p;
+  using K = TransformPair::Kind;
+
+  // 1. Consumer side (input columns), and the bias corrections b + W·δ with the original W.
+  for (const TransformPair& pr : pairs_) {
+    if (!contains(pr.consumers, prefix) || pr.kind == K::q_rows_to_k_rows) continue;
+    bool to_q = pr.kind == K::rows_to_columns;  // o_proj's columns are query-head channels
+    if (is_weight) {
+      v = ag::mul(t, v, scale_of(t, pr.name, to_q));
+    } else if (ag::Var d = shift_of(pr.name, to_q)) {
+      ag::Var w = linear_weight(t, prefix);
+      ag::Var wd = ag::reshape(t, ag::linear(t, ag::reshape(t, d, {1, d->value.numel()}), w), {w->value.size(0)});
+      v = ag::add(t, v, wd);
+    }
+  }
+  // 2. Producer side (output rows of a Linear, or the norm itself).
+  for (const TransformPair& pr : pairs_) {
+    if (pr.producer != prefix) continue;
+    if (pr.kind == K::norm_to_linears || pr.kind == K::rows_to_columns) {
+      ag::Var s = scale_of(t, pr.name, false);
+      if (!is_weight) {
+        if (ag::Var d = shift_of(pr.name, false)) v = ag::sub(t, v, d);
+      }
+      if (pr.kind == K::rows_to_columns && is_weight) s = ag::reshape(t, s, {s->value.numel(), 1});
+      v = ag::div(t, v, s);
+    } else {  // qkt: q rows ÷ s
+      ag::Var s = scale_of(t, pr.name, true);
+      if (is_weight) s = ag::reshape(t, s, {s->value.numel(), 1});
+      v = ag::div(t, v, s);
+    }
+  }
+  for (const TransformPair& pr : pairs_) {  // qkt consumer: k rows · s
+    if (pr.kind != K::q_rows_to_k_rows || !contains(pr.consumers, prefix)) continue;
+    ag::Var s = scale_of(t, pr.name, false);
+    if (is_weight) s = ag::reshape(t, s, {s->value.numel(), 1});
+    v = ag::mul(t, v, s);
+  }
+  // 3. Weight fake-quant (+ LWC) of Linear weights.
+  bool is_linear = contains(block_linear_sites(cfg_), prefix);
+  if (is_linear && is_weight && qc_.weight_quant()) {
+    auto g = learned_.find(prefix + ".lwc_gamma");
+    ag::Var gamma = g == learned_.end() ? nullptr : g->second;
+    ag::Var beta = g == learned_.end() ? nullptr : learned_.at(prefix + ".lwc_beta");
+    v = ag::fake_quant_weight(t, v, WeightQuantSpec{qc_.wbits, qc_.group_size, qc_.symmetric}, gamma, beta);
+  }
+  return v;
+}
+
+ag::Var BlockQuantizer::param(ag::Tape& t, const std::string& key, const ag::Var& p) {
+  ag::Var v = transform(t, key, p);
+  // Linear weights and biases run in the compute dtype; norm parameters stay f32.
+  bool is_linear = contains(block_linear_sites(cfg_), split_key(key).first);
+  return is_linear ? ag::cast(t, v, compute_) : v;
+}
+
+ag::Var BlockQuantizer::activation(ag::Tape& t, const std::string& site, const ag::Var& x) {
+  return ag::fake_quant_act(t, x, qc_.abits);
+}
+
+BlockWeights BlockQuantizer::fused(const BlockWeights& weights, DType out_dtype) {
+  BlockWeights out;
+  out.what = weights.what + " (quantized)";
+  ag::Tape t;  // records (the parameters require grad) but is never run backward
+  for (const auto& [key, tensor] : weights.tensors) {
+    ag::Var v = transform(t, key, originals_.at(key));
+    bool is_linear = contains(block_linear_sites(cfg_), split_key(key).first);
+    out.tensors[key] = is_linear ? v->value.to(out_dtype) : v->value.to(DType::f32);
+    t.clear();
+  }
+  return out;
+}
+
+}  // namespace omniq

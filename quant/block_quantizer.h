@@ -1,0 +1,76 @@
+// OmniQuant's quantized block: the hooks that turn a decoder block into its quantized version.
+//
+//  * LET (spec §4): for every transform pair of the architecture, a per-channel scale s (and a
+//    shift δ where the producer and consumers have bias paths, OPT weight-activation only) applied
+//    *as it will be fused*: norm weights/biases or producer rows divided, consumer columns
+//    multiplied, consumer biases += W·δ. So the block trained is exactly the block exported.
+//  * LWC (spec §2): per weight group γ, β (init 4.0) shrinking the min-max range.
+//  * Weight fake-quant on every Linear weight after the LET transform; per-token activation
+//    fake-quant on every Linear input and on the attention operands q, k, v (weight-activation).
+//
+// Parameters are f32 on the block's device. The block weights given are the f32 originals; the
+// Linear weights/biases the block computes with are cast to the compute dtype after quantization.
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+
+#include "autograd/tape.h"
+#include "models/decoder_block.h"
+#include "quant/quant_config.h"
+
+namespace omniq {
+
+// Per-input-channel statistics of a Linear site's input over the calibration set (f32 [in]).
+struct ChannelStats {
+  Tensor absmax, min, max;
+};
+
+// Records ChannelStats of every Linear input while a (full-precision) block runs.
+class ActivationStatsRecorder : public BlockHooks {
+ public:
+  ag::Var activation(ag::Tape& t, const std::string& site, const ag::Var& x) override;
+  const std::map<std::string, ChannelStats>& stats() const { return stats_; }
+
+ private:
+  std::map<std::string, ChannelStats> stats_;
+};
+
+class BlockQuantizer : public BlockHooks {
+ public:
+  // `weights`: the block's original weights (Linear weights f32); `stats`: input statistics of the
+  // Linear sites (needed when LET is on); compute: dtype the Linears run in.
+  BlockQuantizer(const ModelConfig& cfg, const QuantConfig& qc, const BlockWeights& weights,
+                 const std::map<std::string, ChannelStats>* stats, DType compute);
+
+  ag::Var param(ag::Tape& t, const std::string& key, const ag::Var& p) override;
+  ag::Var activation(ag::Tape& t, const std::string& site, const ag::Var& x) override;
+
+  // Trainable parameters by name ("q_proj.lwc_gamma", "qkv.let_scale", "out.let_shift", ...).
+  std::map<std::string, ag::Var>& learned() { return learned_; }
+  std::vector<ag::Var> lwc_params() const;
+  std::vector<ag::Var> let_params() const;
+
+  // The final block: LET fused into the weights, Linear weights fake-quantized (in `out_dtype`),
+  // norm parameters f32. Computed without recording gradients.
+  BlockWeights fused(const BlockWeights& weights, DType out_dtype);
+
+ private:
+  struct PairUse;  // how a key is touched by a transform pair
+  ag::Var transform(ag::Tape& t, const std::string& key, const ag::Var& p);
+  ag::Var scale_of(ag::Tape& t, const std::string& pair_name, bool expand_to_q);
+  ag::Var shift_of(const std::string& pair_name, bool expand_to_q) const;
+  ag::Var linear_weight(ag::Tape& t, const std::string& site);  // original weight of a site (constant)
+
+  const ModelConfig& cfg_;
+  QuantConfig qc_;
+  DType compute_;
+  std::map<std::string, ag::Var> originals_;  // the block's original parameters (constants)
+  std::vector<TransformPair> pairs_;
+  std::map<std::string, bool> pair_has_shift_;
+  std::map<std::string, ag::Var> learned_;
+  Tensor kv_to_q_index_;     // i32 [Hq*D]: q channel -> kv channel (GQA expansion)
+  Tensor rope_tie_index_;    // i32 [Hkv*D]: channel -> its free parameter (RoPE pairs tied)
+};
+
+}  // namespace omniq

@@ -1,0 +1,40 @@
+// OmniQuant's per-block training loop (spec §5.3c): epochs × samples, loss = MSE(block_q(q_in_j),
+// fp_out_j) (+ aug loss MSE(block_q(q_in_j), block_fp(q_in_j))), AdamW on the LWC and LET
+// parameters with their own learning rates, batch 1, no schedule, no clipping.
+//
+// Per-sample losses stay on the device and are read once per epoch (no host sync in the inner
+// loop). A non-finite loss is found at the end of its epoch: the trainer reports block, epoch and
+// the first bad sample, restores the parameters and optimizer state from the start of the epoch,
+// halves both learning rates and runs the epoch again, at most `max_nan_retries` times; then it
+// throws. Non-finite parameters are never kept.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "models/decoder_block.h"
+#include "quant/block_quantizer.h"
+#include "quant/quant_config.h"
+
+namespace omniq {
+
+struct BlockTrainingResult {
+  std::vector<double> epoch_loss;  // mean loss of each epoch (after retries)
+  int nan_retries = 0;
+  std::vector<std::string> warnings;  // one line per recovered NaN/Inf
+};
+
+struct BlockTrainingData {
+  const Tensor* q_inps = nullptr;    // [N, T, C] inputs from the quantized model so far
+  const Tensor* fp_outs = nullptr;   // [N, T, C] full-precision block outputs (targets)
+  const Tensor* aug_outs = nullptr;  // [N, T, C] block_fp(q_inps) when aug_loss, else null
+};
+
+// `params`: the block's parameters (original weights, f32 Linear weights) as Vars.
+// `on_epoch(epoch, loss)` is called after every epoch (progress bars, logs).
+BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
+                                const std::map<std::string, ag::Var>& params, BlockQuantizer& bq,
+                                const BlockTrainingData& data, int64_t block_index,
+                                const std::function<void(int, double)>& on_epoch = {});
+
+}  // namespace omniq
