@@ -1,10 +1,12 @@
 // CPU reference of attention and the causal softmax: plain loops, fp32 inputs (bf16/f16 widened),
 // sums accumulated in double so the reference is more accurate than the kernels it checks.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "ops/attention.h"
+#include "ops/cpu/gemm.h"
 
 namespace omniq::cpu {
 
@@ -40,37 +42,41 @@ struct Dims {
 
 Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
                          Tensor* lse_out) {
+  // Per (batch, head): S = scale·Q·Kᵀ and O = P·V through the BLAS GEMM (the model's CPU forward
+  // spends most of its time here), the softmax in between with double sums.
   const Dims d(q, k);
   Tensor qh, kh, vh;
   const float* Q = host_f32(q, qh);
   const float* K = host_f32(k, kh);
   const float* V = host_f32(v, vh);
-  std::vector<double> out(static_cast<size_t>(q.numel()), 0.0);
-  std::vector<double> lse(static_cast<size_t>(d.B * d.Hq * d.T));
-  std::vector<double> s(static_cast<size_t>(d.T));
+  Tensor out = Tensor::empty(q.shape(), DType::f32);
+  float* O = out.data_as<float>();
+  std::vector<float> lse(static_cast<size_t>(d.B * d.Hq * d.T));
+  std::vector<float> S(static_cast<size_t>(d.T * d.T));
+  const int64_t ldq = d.Hq * d.D, ldk = d.Hkv * d.D;
   for (int64_t b = 0; b < d.B; ++b)
     for (int64_t h = 0; h < d.Hq; ++h) {
       const int64_t kvh = h / d.G;  // repeat_kv: query heads [kvh*G, (kvh+1)*G) share kv head kvh
+      gemm_f32(false, true, d.T, d.T, d.D, scale, Q + d.qo(b, 0, h), ldq, K + d.ko(b, 0, kvh), ldk, 0.0f, S.data(), d.T);
       for (int64_t i = 0; i < d.T; ++i) {
+        float* row = S.data() + i * d.T;
         const int64_t jend = causal ? i + 1 : d.T;
-        double m = -std::numeric_limits<double>::infinity();
-        for (int64_t j = 0; j < jend; ++j) {
-          s[j] = scale * dot(Q + d.qo(b, i, h), K + d.ko(b, j, kvh), d.D);
-          m = std::max(m, s[j]);
-        }
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < jend; ++j) m = std::max(m, row[j]);
         double l = 0;
-        for (int64_t j = 0; j < jend; ++j) l += std::exp(s[j] - m);
-        double* o = out.data() + d.qo(b, i, h);
         for (int64_t j = 0; j < jend; ++j) {
-          const double p = std::exp(s[j] - m) / l;
-          const float* vj = V + d.ko(b, j, kvh);
-          for (int64_t e = 0; e < d.D; ++e) o[e] += p * vj[e];
+          row[j] = std::exp(row[j] - m);
+          l += row[j];
         }
-        lse[(b * d.Hq + h) * d.T + i] = m + std::log(l);
+        const float inv = static_cast<float>(1.0 / l);
+        for (int64_t j = 0; j < jend; ++j) row[j] *= inv;
+        for (int64_t j = jend; j < d.T; ++j) row[j] = 0.0f;
+        lse[static_cast<size_t>((b * d.Hq + h) * d.T + i)] = static_cast<float>(m + std::log(l));
       }
+      gemm_f32(false, false, d.T, d.D, d.T, 1.0f, S.data(), d.T, V + d.ko(b, 0, kvh), ldk, 0.0f, O + d.qo(b, 0, h), ldq);
     }
-  if (lse_out) *lse_out = from_values(lse, Shape{d.B, d.Hq, d.T}, DType::f32);
-  return from_values(out, q.shape(), q.dtype());
+  if (lse_out) *lse_out = Tensor::from_f32(lse, Shape{d.B, d.Hq, d.T}, DType::f32);
+  return q.dtype() == DType::f32 ? std::move(out) : out.to(q.dtype());
 }
 
 AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
