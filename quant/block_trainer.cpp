@@ -97,11 +97,11 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
       }
       std::string msg = strformat("block %lld epoch %d sample %lld: non-finite loss (%g)", static_cast<long long>(block_index),
                                   epoch, static_cast<long long>(bad), l[static_cast<size_t>(bad)]);
+      restore(opt, snap);  // never keep parameters a non-finite step has touched
       OMNIQ_CHECK(attempt < qc.max_nan_retries,
-                  "%s after %d retries with halved learning rates: giving up. Try lower --lwc-lr/--let-lr, "
-                  "fewer bits' aggressiveness, or --device cpu to rule out overflow in bf16",
+                  "%s after %d retries with halved learning rates: giving up. Check the input data, try lower "
+                  "--lwc-lr/--let-lr, or --device cpu to rule out bf16 overflow",
                   msg.c_str(), attempt);
-      restore(opt, snap);
       step = step_at_start;
       for (OptimizedParam& p : opt) p.lr *= 0.5f;
       ++result.nan_retries;
