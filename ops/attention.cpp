@@ -1,6 +1,7 @@
 // Argument validation and device dispatch for attention and the causal softmax (see ops/attention.h).
 #include "ops/attention.h"
 
+#include "ops/op_checks.h"
 #include "runtime/error.h"
 
 namespace omniq {
@@ -9,15 +10,9 @@ namespace {
 
 bool is_attn_dtype(DType dt) { return dt == DType::f32 || dt == DType::bf16 || dt == DType::f16; }
 
-void check_defined(const Tensor& t, const char* op, const char* name) {
-  OMNIQ_CHECK(t.defined(), "%s: %s is an undefined tensor", op, name);
-}
-
+using detail::check_defined;
 #ifndef OMNIQ_HAS_CUDA
-[[noreturn]] void no_cuda(const char* op, const Tensor& t) {
-  OMNIQ_FAIL("%s: %s is on a CUDA device but omniq was built without CUDA (reconfigure with -DOMNIQ_CUDA=ON)",
-             op, t.str().c_str());
-}
+using detail::no_cuda;
 #endif
 
 // q [B,T,Hq,D], k/v [B,T,Hkv,D], one float dtype, one device, Hq a multiple of Hkv.

@@ -1,6 +1,7 @@
 // Argument validation and device dispatch for the GEMM ops (see ops/matmul.h).
 #include "ops/matmul.h"
 
+#include "ops/op_checks.h"
 #include "runtime/error.h"
 
 namespace omniq {
@@ -14,15 +15,9 @@ void check_gemm_dtype(const Tensor& t, const char* op, const char* name) {
               t.str().c_str());
 }
 
-void check_defined(const Tensor& t, const char* op, const char* name) {
-  OMNIQ_CHECK(t.defined(), "%s: %s is an undefined tensor", op, name);
-}
-
+using detail::check_defined;
 #ifndef OMNIQ_HAS_CUDA
-[[noreturn]] void no_cuda(const char* op, const Tensor& t) {
-  OMNIQ_FAIL("%s: %s is on a CUDA device but omniq was built without CUDA (reconfigure with -DOMNIQ_CUDA=ON)",
-             op, t.str().c_str());
-}
+using detail::no_cuda;
 #endif
 
 void check_linear_operands(const Tensor& x, const Tensor& w, const char* op) {

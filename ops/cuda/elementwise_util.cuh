@@ -1,10 +1,12 @@
-// Device helpers shared by the elementwise-family kernels (elementwise, activation, rope, embedding,
-// reduce): fp32 load/store of the storage types, 4-element packs for vectorised access, the f32/bf16
-// dtype dispatch and the grid of a grid-stride launch. Include only from .cu files.
+// Device helpers shared by the f32/bf16 kernels (elementwise, activation, rope, embedding, reduce,
+// norm, loss, fake_quant): fp32 load/store of the storage types, 4-element packs and N-element
+// 16-byte vector access, the f32/bf16 dtype dispatch, alignment checks and the grid of a grid-stride
+// launch. Include only from .cu files.
 #pragma once
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "runtime/cuda_context.h"
 #include "runtime/error.h"
@@ -41,6 +43,41 @@ __device__ __forceinline__ void store4(T* p, int64_t i, const float (&in)[4]) {
   *reinterpret_cast<Pack4<T>*>(p + i) = pk;
 }
 
+// N consecutive elements starting at p, as fp32. When N·sizeof(T) is a multiple of 16 bytes the
+// access is done with 16-byte vectors (the launcher checked the alignment, see aligned16), else
+// element by element.
+template <int N, typename T>
+__device__ __forceinline__ void load_n(const T* p, float (&out)[N]) {
+  if constexpr ((N * sizeof(T)) % 16 == 0) {
+    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
+    uint4 raw[kChunks];
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) raw[k] = reinterpret_cast<const uint4*>(p)[k];
+    const T* v = reinterpret_cast<const T*>(raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_f32(v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_f32(p[i]);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_n(T* p, const float (&in)[N]) {
+  if constexpr ((N * sizeof(T)) % 16 == 0) {
+    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
+    uint4 raw[kChunks];
+    T* v = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = from_f32<T>(in[i]);
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) reinterpret_cast<uint4*>(p)[k] = raw[k];
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = from_f32<T>(in[i]);
+  }
+}
+
 __device__ __forceinline__ int64_t thread_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
 __device__ __forceinline__ int64_t thread_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
@@ -60,6 +97,22 @@ inline unsigned int stride_grid(int64_t n, const CudaContext& ctx, int block = k
   unsigned int cap = static_cast<unsigned int>(ctx.prop.multiProcessorCount) * (2048u / block);
   if (cap == 0) cap = 1;
   return g < cap ? g : cap;
+}
+
+// True when p may be accessed with 16-byte vectors (load_n/store_n with a full vector).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Calls f(vec_tag, block_row_tag) with std::bool_constant tags, so a launcher picks the vector width
+// and the row layout (warp or block per row) at compile time.
+template <typename F>
+void with_row_layout(bool vec, bool block_row, F&& f) {
+  if (vec) {
+    if (block_row) f(std::true_type{}, std::true_type{});
+    else f(std::true_type{}, std::false_type{});
+  } else {
+    if (block_row) f(std::false_type{}, std::true_type{});
+    else f(std::false_type{}, std::false_type{});
+  }
 }
 
 template <typename T> struct TypeTag { using type = T; };

@@ -45,39 +45,6 @@ struct Levels {
   bool symmetric;
 };
 
-// N consecutive elements at p as fp32; one or two 16-byte accesses when N·sizeof(T) allows it.
-template <int N, typename T>
-__device__ __forceinline__ void load_n(const T* p, float (&out)[N]) {
-  if constexpr ((N * sizeof(T)) % 16 == 0) {
-    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
-    uint4 raw[kChunks];
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) raw[k] = reinterpret_cast<const uint4*>(p)[k];
-    const T* v = reinterpret_cast<const T*>(raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_f32(v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_f32(p[i]);
-  }
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_n(T* p, const float (&in)[N]) {
-  if constexpr ((N * sizeof(T)) % 16 == 0) {
-    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
-    uint4 raw[kChunks];
-    T* v = reinterpret_cast<T*>(raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = from_f32<T>(in[i]);
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) reinterpret_cast<uint4*>(p)[k] = raw[k];
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p[i] = from_f32<T>(in[i]);
-  }
-}
-
 // The threads that own one group: kTeam consecutive lanes of a warp, or the block (kTeam == 0).
 template <int kTeam>
 struct Team {
@@ -179,7 +146,7 @@ __device__ __forceinline__ void group_min_max(const T* xg, int n, bool valid, fl
   if (valid) {
     for (int c = Team<kTeam>::lane() * kVec; c < n; c += Team<kTeam>::size() * kVec) {
       float v[kVec];
-      load_n<kVec>(xg + c, v);
+      ew::load_n<kVec>(xg + c, v);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         r[0] = fmaxf(r[0], v[i]);
@@ -207,10 +174,10 @@ __global__ void fake_quant_forward_kernel(const T* __restrict__ x, T* __restrict
   T* yg = y + k * static_cast<int64_t>(n);
   for (int c = Team<kTeam>::lane() * kVec; c < n; c += Team<kTeam>::size() * kVec) {
     float v[kVec], o[kVec];
-    load_n<kVec>(xg + c, v);
+    ew::load_n<kVec>(xg + c, v);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) o[i] = dequantize(quantize(v[i], s, L), s);
-    store_n<kVec>(yg + c, o);
+    ew::store_n<kVec>(yg + c, o);
   }
 }
 
@@ -236,8 +203,8 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ dy, const T* __
   if (valid) {
     for (int c = Team<kTeam>::lane() * kVec; c < n; c += Team<kTeam>::size() * kVec) {
       float v[kVec], g[kVec];
-      load_n<kVec>(xg + c, v);
-      load_n<kVec>(gg + c, g);
+      ew::load_n<kVec>(xg + c, v);
+      ew::load_n<kVec>(gg + c, g);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const ElemQ e = quantize(v[i], s, L);
@@ -277,8 +244,8 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ dy, const T* __
   T* dxg = dx + off;
   for (int c = Team<kTeam>::lane() * kVec; c < n; c += Team<kTeam>::size() * kVec) {
     float v[kVec], g[kVec], o[kVec];
-    load_n<kVec>(xg + c, v);
-    load_n<kVec>(gg + c, g);
+    ew::load_n<kVec>(xg + c, v);
+    ew::load_n<kVec>(gg + c, g);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       const ElemQ e = quantize(v[i], s, L);
@@ -287,7 +254,7 @@ __global__ void fake_quant_backward_kernel(const T* __restrict__ dy, const T* __
       d = __fadd_rn(d, v[i] == xmin ? share_min : 0.0f);
       o[i] = d;
     }
-    store_n<kVec>(dxg + c, o);
+    ew::store_n<kVec>(dxg + c, o);
   }
 }
 
@@ -336,7 +303,7 @@ GroupLaunch group_launch(int64_t groups, int64_t n, DType dt, std::initializer_l
   const int64_t pack = static_cast<int64_t>(16 / dtype_size(dt));
   l.vec = n % pack == 0;
   for (const void* p : ptrs)
-    if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) l.vec = false;
+    if (p && !ew::aligned16(p)) l.vec = false;
   const int64_t nvec = l.vec ? n / pack : n;
   if (nvec <= kMaxTeamVectors) {
     l.team = 32;

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "ops/cuda/elementwise_util.cuh"
 #include "ops/loss.h"
 #include "runtime/cuda_context.h"
 
@@ -23,50 +24,13 @@ namespace omniq::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using ew::from_f32;
+using ew::to_f32;
 
 // =============================================================================================
 // CUDA kernels
 // =============================================================================================
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
-
-// N consecutive elements as fp32; 16-byte vector accesses when N·sizeof(T) allows (alignment checked
-// by the launcher), element by element otherwise.
-template <int N, typename T>
-__device__ __forceinline__ void load_n(const T* p, float (&out)[N]) {
-  if constexpr ((N * sizeof(T)) % 16 == 0) {
-    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
-    uint4 raw[kChunks];
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) raw[k] = reinterpret_cast<const uint4*>(p)[k];
-    const T* v = reinterpret_cast<const T*>(raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_f32(v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_f32(p[i]);
-  }
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_n(T* p, const float (&in)[N]) {
-  if constexpr ((N * sizeof(T)) % 16 == 0) {
-    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
-    uint4 raw[kChunks];
-    T* v = reinterpret_cast<T*>(raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = from_f32<T>(in[i]);
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) reinterpret_cast<uint4*>(p)[k] = raw[k];
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p[i] = from_f32<T>(in[i]);
-  }
-}
 
 // Merges the (max, Σexp(v − max)) summary (om, os) into (m, s). Symmetric in its two arguments
 // (the products are kept out of FMA contraction), so butterfly shuffles leave every lane with the
@@ -86,7 +50,7 @@ __device__ __forceinline__ void row_max_sumexp(const T* row, int V, float& m_out
   float m = -INFINITY, s = 0.0f;
   for (int c = threadIdx.x * kVec; c < V; c += blockDim.x * kVec) {
     float v[kVec];
-    load_n<kVec>(row + c, v);
+    ew::load_n<kVec>(row + c, v);
     float cm = v[0];
 #pragma unroll
     for (int i = 1; i < kVec; ++i) cm = fmaxf(cm, v[i]);
@@ -152,7 +116,7 @@ __global__ void cross_entropy_backward_kernel(const float* __restrict__ dnll, co
   const int first = threadIdx.x * kVec, step = blockDim.x * kVec;
   if (t < 0) {
     const float zero[kVec] = {};
-    for (int c = first; c < V; c += step) store_n<kVec>(drow + c, zero);
+    for (int c = first; c < V; c += step) ew::store_n<kVec>(drow + c, zero);
     return;
   }
   float m, s;
@@ -161,10 +125,10 @@ __global__ void cross_entropy_backward_kernel(const float* __restrict__ dnll, co
   const float g = t < V ? dnll[r] : NAN;
   for (int c = first; c < V; c += step) {
     float v[kVec], o[kVec];
-    load_n<kVec>(row + c, v);
+    ew::load_n<kVec>(row + c, v);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) o[i] = g * (expf((v[i] - m) - log_s) - (c + i == t ? 1.0f : 0.0f));
-    store_n<kVec>(drow + c, o);
+    ew::store_n<kVec>(drow + c, o);
   }
 }
 
@@ -193,8 +157,8 @@ __global__ void mse_partial_kernel(const T* __restrict__ a, const T* __restrict_
   double acc = 0.0;
   for (int64_t p = tid; p < npacks; p += nthreads) {
     float av[kVec], bv[kVec];
-    load_n<kVec>(a + p * kVec, av);
-    load_n<kVec>(b + p * kVec, bv);
+    ew::load_n<kVec>(a + p * kVec, av);
+    ew::load_n<kVec>(b + p * kVec, bv);
     float s = 0.0f;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) s += (av[i] - bv[i]) * (av[i] - bv[i]);
@@ -227,11 +191,11 @@ __global__ void mse_backward_kernel(const T* __restrict__ a, const T* __restrict
   const int64_t npacks = n / kVec;
   for (int64_t p = tid; p < npacks; p += nthreads) {
     float av[kVec], bv[kVec], o[kVec];
-    load_n<kVec>(a + p * kVec, av);
-    load_n<kVec>(b + p * kVec, bv);
+    ew::load_n<kVec>(a + p * kVec, av);
+    ew::load_n<kVec>(b + p * kVec, bv);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) o[i] = (av[i] - bv[i]) * scale;
-    store_n<kVec>(da + p * kVec, o);
+    ew::store_n<kVec>(da + p * kVec, o);
   }
   for (int64_t i = npacks * kVec + tid; i < n; i += nthreads) da[i] = from_f32<T>((to_f32(a[i]) - to_f32(b[i])) * scale);
 }
@@ -246,8 +210,6 @@ constexpr int kBlockRowThreads = 512;
 constexpr int kMseBlock = 256;
 constexpr int kMseMaxBlocks = 1024;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename F>
 void with_dtype(DType dt, const char* op, F&& f) {
   switch (dt) {
@@ -256,18 +218,6 @@ void with_dtype(DType dt, const char* op, F&& f) {
     default:
       OMNIQ_FAIL("%s: the CUDA kernels support f32 and bf16 inputs, got %s (convert with .to(DType::bf16))", op,
                  dtype_name(dt));
-  }
-}
-
-// Calls f(vec_tag, block_row_tag) with std::bool_constant tags.
-template <typename F>
-void with_layout(bool vec, bool block_row, F&& f) {
-  if (vec) {
-    if (block_row) f(std::true_type{}, std::true_type{});
-    else f(std::true_type{}, std::false_type{});
-  } else {
-    if (block_row) f(std::false_type{}, std::true_type{});
-    else f(std::false_type{}, std::false_type{});
   }
 }
 
@@ -282,10 +232,10 @@ void launch_cross_entropy(const Tensor* dnll, const Tensor& logits, const Tensor
   const dim3 block = block_row ? dim3(kBlockRowThreads, 1) : dim3(32, kWarpRowsPerBlock);
   const dim3 grid(static_cast<unsigned int>(block_row ? N : (N + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
   const int64_t pack = 16 / static_cast<int64_t>(dtype_size(logits.dtype()));
-  const bool vec = V % pack == 0 && aligned16(logits.data()) && (kForward || aligned16(out.data()));
+  const bool vec = V % pack == 0 && ew::aligned16(logits.data()) && (kForward || ew::aligned16(out.data()));
   with_dtype(logits.dtype(), op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    with_layout(vec, block_row, [&](auto vec_tag, auto block_tag) {
+    ew::with_row_layout(vec, block_row, [&](auto vec_tag, auto block_tag) {
       constexpr int kVec = decltype(vec_tag)::value ? static_cast<int>(16 / sizeof(T)) : 1;
       constexpr bool kBlockRow = decltype(block_tag)::value;
       if constexpr (kForward) {
@@ -304,7 +254,7 @@ void launch_cross_entropy(const Tensor* dnll, const Tensor& logits, const Tensor
 // Calls f(vec_tag) for an elementwise pass over a and b (and out, when given).
 template <typename F>
 void with_vec(const Tensor& a, const Tensor& b, const Tensor* out, F&& f) {
-  const bool vec = aligned16(a.data()) && aligned16(b.data()) && (!out || aligned16(out->data()));
+  const bool vec = ew::aligned16(a.data()) && ew::aligned16(b.data()) && (!out || ew::aligned16(out->data()));
   if (vec) f(std::true_type{});
   else f(std::false_type{});
 }

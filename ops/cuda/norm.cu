@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "ops/cuda/elementwise_util.cuh"
 #include "ops/norm.h"
 #include "runtime/cuda_context.h"
 
@@ -23,52 +24,15 @@ namespace omniq::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using ew::from_f32;
+using ew::to_f32;
 
 // =============================================================================================
 // CUDA kernels
 // =============================================================================================
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
 // What a tensor of element type T stores for v (RMSNorm rounds x̂ through it; identity for f32).
 template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
-
-// N consecutive elements starting at p, as fp32. When N·sizeof(T) is a multiple of 16 bytes the
-// access is done with 16-byte vectors (the launcher checked the alignment), else element by element.
-template <int N, typename T>
-__device__ __forceinline__ void load_n(const T* p, float (&out)[N]) {
-  if constexpr ((N * sizeof(T)) % 16 == 0) {
-    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
-    uint4 raw[kChunks];
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) raw[k] = reinterpret_cast<const uint4*>(p)[k];
-    const T* v = reinterpret_cast<const T*>(raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_f32(v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_f32(p[i]);
-  }
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void store_n(T* p, const float (&in)[N]) {
-  if constexpr ((N * sizeof(T)) % 16 == 0) {
-    constexpr int kChunks = static_cast<int>(N * sizeof(T) / 16);
-    uint4 raw[kChunks];
-    T* v = reinterpret_cast<T*>(raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = from_f32<T>(in[i]);
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) reinterpret_cast<uint4*>(p)[k] = raw[k];
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) p[i] = from_f32<T>(in[i]);
-  }
-}
 
 // Butterfly sum: every lane ends with the same bits (fp addition is commutative).
 __device__ __forceinline__ float warp_sum(float v) {
@@ -110,7 +74,7 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const float* __rest
     float s = 0.0f;
     for (int c = first; c < C; c += step) {
       float v[kVec];
-      load_n<kVec>(xr + c, v);
+      ew::load_n<kVec>(xr + c, v);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) s += v[i];
     }
@@ -119,7 +83,7 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const float* __rest
   float ss = 0.0f;  // Σ (x − mean)² (two-pass: no cancellation when |mean| >> std)
   for (int c = first; c < C; c += step) {
     float v[kVec];
-    load_n<kVec>(xr + c, v);
+    ew::load_n<kVec>(xr + c, v);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) ss += (v[i] - mu) * (v[i] - mu);
   }
@@ -130,18 +94,18 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const float* __rest
   }
   for (int c = first; c < C; c += step) {
     float v[kVec], wv[kVec], o[kVec];
-    load_n<kVec>(xr + c, v);
-    load_n<kVec>(w + c, wv);
+    ew::load_n<kVec>(xr + c, v);
+    ew::load_n<kVec>(w + c, wv);
     if constexpr (kLayer) {
       float bv[kVec];
-      load_n<kVec>(b + c, bv);
+      ew::load_n<kVec>(b + c, bv);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) o[i] = (v[i] - mu) * rs * wv[i] + bv[i];
     } else {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) o[i] = wv[i] * round_to<T>(v[i] * rs);  // HF: w · x̂.to(dtype)
     }
-    store_n<kVec>(yr + c, o);
+    ew::store_n<kVec>(yr + c, o);
   }
 }
 
@@ -164,9 +128,9 @@ __global__ void norm_backward_dx_kernel(const T* __restrict__ dy, const T* __res
   float sum_g = 0.0f, sum_gx = 0.0f;
   for (int c = first; c < C; c += step) {
     float xv[kVec], gv[kVec], wv[kVec];
-    load_n<kVec>(xr + c, xv);
-    load_n<kVec>(gr + c, gv);
-    load_n<kVec>(w + c, wv);
+    ew::load_n<kVec>(xr + c, xv);
+    ew::load_n<kVec>(gr + c, gv);
+    ew::load_n<kVec>(w + c, wv);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       const float g = gv[i] * wv[i];
@@ -178,12 +142,12 @@ __global__ void norm_backward_dx_kernel(const T* __restrict__ dy, const T* __res
   const float mean_gx = group_sum<kBlockRow>(sum_gx, smem) / C;
   for (int c = first; c < C; c += step) {
     float xv[kVec], gv[kVec], wv[kVec], o[kVec];
-    load_n<kVec>(xr + c, xv);
-    load_n<kVec>(gr + c, gv);
-    load_n<kVec>(w + c, wv);
+    ew::load_n<kVec>(xr + c, xv);
+    ew::load_n<kVec>(gr + c, gv);
+    ew::load_n<kVec>(w + c, wv);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) o[i] = rs * (gv[i] * wv[i] - mean_g - ((xv[i] - mu) * rs) * mean_gx);
-    store_n<kVec>(dxr + c, o);
+    ew::store_n<kVec>(dxr + c, o);
   }
 }
 
@@ -243,8 +207,6 @@ __global__ void column_sum_kernel(const float* __restrict__ part, int64_t chunks
 constexpr int kWarpRowMaxC = 1024;  // up to this many channels a warp owns a row
 constexpr int kWarpRowsPerBlock = 8;
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename F>
 void with_dtype(DType dt, const char* op, F&& f) {
   switch (dt) {
@@ -253,18 +215,6 @@ void with_dtype(DType dt, const char* op, F&& f) {
     default:
       OMNIQ_FAIL("%s: the CUDA kernels support f32 and bf16 x, got %s (convert with .to(DType::bf16))", op,
                  dtype_name(dt));
-  }
-}
-
-// Calls f(vec_tag, block_row_tag) with std::bool_constant tags for the row layout of (rows, C).
-template <typename F>
-void with_layout(bool vec, bool block_row, F&& f) {
-  if (vec) {
-    if (block_row) f(std::true_type{}, std::true_type{});
-    else f(std::true_type{}, std::false_type{});
-  } else {
-    if (block_row) f(std::false_type{}, std::true_type{});
-    else f(std::false_type{}, std::false_type{});
   }
 }
 
@@ -292,7 +242,7 @@ RowLaunch row_launch(int64_t rows, int64_t C, const char* op) {
 bool can_vectorise(int64_t C, DType dt, std::initializer_list<const void*> ptrs) {
   if (C % static_cast<int64_t>(16 / dtype_size(dt)) != 0) return false;
   for (const void* p : ptrs)
-    if (p && !aligned16(p)) return false;
+    if (p && !ew::aligned16(p)) return false;
   return true;
 }
 
@@ -307,7 +257,7 @@ void launch_forward(const Tensor& x, const Tensor& w, const Tensor* b, float eps
       can_vectorise(C, x.dtype(), {x.data(), y.data(), w.data(), b ? b->data() : nullptr});
   with_dtype(x.dtype(), op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    with_layout(vec, l.block_row, [&](auto vec_tag, auto block_tag) {
+    ew::with_row_layout(vec, l.block_row, [&](auto vec_tag, auto block_tag) {
       constexpr int kVec = decltype(vec_tag)::value ? static_cast<int>(16 / sizeof(T)) : 1;
       norm_forward_kernel<T, kVec, decltype(block_tag)::value, kLayer><<<l.grid, l.block, 0, ctx.stream>>>(
           x.data_as<const T>(), w.data_as<const float>(), b ? b->data_as<const float>() : nullptr, y.data_as<T>(),
@@ -336,7 +286,7 @@ void launch_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const T
 
   with_dtype(x.dtype(), op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    with_layout(vec, l.block_row, [&](auto vec_tag, auto block_tag) {
+    ew::with_row_layout(vec, l.block_row, [&](auto vec_tag, auto block_tag) {
       constexpr int kVec = decltype(vec_tag)::value ? static_cast<int>(16 / sizeof(T)) : 1;
       norm_backward_dx_kernel<T, kVec, decltype(block_tag)::value, kLayer><<<l.grid, l.block, 0, ctx.stream>>>(
           dy.data_as<const T>(), x.data_as<const T>(), w.data_as<const float>(), mean_p, rstd.data_as<const float>(),
