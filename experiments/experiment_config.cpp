@@ -240,7 +240,7 @@ YAML::Node load_yaml_text(const std::string& yaml_text, const std::string& sourc
   }
 }
 
-std::string read_text_file(const std::string& path) {
+std::string read_config_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   OMNIQ_CHECK(f.good(), "cannot open experiment config '%s'", path.c_str());
   std::stringstream ss;
@@ -371,7 +371,7 @@ ExperimentConfig parse_experiment(const std::string& yaml_text, const std::strin
   return c;
 }
 
-ExperimentConfig load_experiment(const std::string& path) { return parse_experiment(read_text_file(path), path); }
+ExperimentConfig load_experiment(const std::string& path) { return parse_experiment(read_config_file(path), path); }
 
 std::string to_yaml(const ExperimentConfig& c) {
   YAML::Emitter out;

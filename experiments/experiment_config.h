@@ -81,7 +81,8 @@ struct ConfigLocations {
 
 // Parses text into a YAML tree; malformed YAML becomes an omniq::Error quoting source:line:col.
 YAML::Node load_yaml_text(const std::string& yaml_text, const std::string& source);
-std::string read_text_file(const std::string& path);
+// Reads a config file (a clear error naming the path when it cannot be opened).
+std::string read_config_file(const std::string& path);
 
 // The fields of the root map, without validating values. Keys named in `extra_top_keys` (e.g.
 // "sweep", "runs") are skipped rather than reported as unknown.

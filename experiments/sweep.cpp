@@ -223,6 +223,6 @@ std::vector<SweepPoint> parse_sweep(const std::string& yaml_text, const std::str
   return expand_sweep(load_yaml_text(yaml_text, source), source);
 }
 
-std::vector<SweepPoint> load_sweep(const std::string& path) { return parse_sweep(read_text_file(path), path); }
+std::vector<SweepPoint> load_sweep(const std::string& path) { return parse_sweep(read_config_file(path), path); }
 
 }  // namespace omniq
