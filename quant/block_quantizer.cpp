@@ -5,6 +5,8 @@
 
 #include "autograd/functions.h"
 #include "autograd/quant_functions.h"
+#include "ops/activation.h"
+#include "ops/elementwise.h"
 #include "ops/reduce.h"
 #include "runtime/error.h"
 
@@ -41,6 +43,15 @@ ag::Var ActivationStatsRecorder::activation(ag::Tape&, const std::string& site, 
   merge_max(s.absmax, col_absmax(x->value), true);
   merge_max(s.max, col_max(x->value), true);
   merge_max(s.min, col_min(x->value), false);
+  // Σ|x| per column as relu(x) + relu(−x) (stays on the device); running mean on the host ([C] only).
+  Tensor abssum = col_sum(relu_forward(x->value));
+  std::vector<float> a = abssum.to_f32_vector(), b = col_sum(relu_forward(scale(x->value, -1.0f))).to_f32_vector();
+  int64_t n = x->value.numel() / x->value.size(-1);
+  std::vector<float> m = s.absmean.defined() ? s.absmean.to_f32_vector() : std::vector<float>(a.size(), 0.0f);
+  for (size_t i = 0; i < a.size(); ++i)
+    m[i] = static_cast<float>((static_cast<double>(m[i]) * s.rows + a[i] + b[i]) / static_cast<double>(s.rows + n));
+  s.rows += n;
+  s.absmean = Tensor::from_f32(m, {static_cast<int64_t>(m.size())}, DType::f32, x->value.device());
   return x;
 }
 
@@ -52,6 +63,8 @@ BlockQuantizer::BlockQuantizer(const ModelConfig& cfg, const QuantConfig& qc, co
     : cfg_(cfg), qc_(qc), compute_(compute), originals_(block_params(weights)) {
   Device dev = weights.get(block_linear_sites(cfg)[0] + ".weight").device();
   bool omni = qc.method == "omniquant";
+  bool smooth = qc.method == "smoothquant", awq = qc.method == "awq";  // fixed (untrained) scales
+  let_floor_ = omni ? qc.let_scale_floor : 1e-5f;
   const int64_t H = cfg.num_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim;
 
   // GQA: q channel h*D+d reads kv channel (h / (H/Hkv))*D + d.
@@ -66,21 +79,28 @@ BlockQuantizer::BlockQuantizer(const ModelConfig& cfg, const QuantConfig& qc, co
   rope_tie_index_ = Tensor::from_i32(tie, {Hkv * D}, dev);
 
   // LWC: γ, β per weight group, initialised to 4 (σ(4) ≈ 0.982).
-  if (omni && qc.lwc && qc.weight_quant()) {
+  // AWQ: σ(30) rounds to 1.0f, so the clipped range equals the plain min–max until init_awq sets it.
+  float gamma0 = awq ? 30.0f : 4.0f;
+  if (((omni && qc.lwc) || awq) && qc.weight_quant()) {
     for (const std::string& site : block_linear_sites(cfg)) {
       const Tensor& w = weights.get(site + ".weight");
       int64_t g = qc.group_size > 0 ? qc.group_size : w.size(1);
       WeightQuantSpec{qc.wbits, qc.group_size, qc.symmetric}.validate(w.size(1), site.c_str());
       int64_t n = w.size(0) * (w.size(1) / g);
-      learned_[site + ".lwc_gamma"] = ag::parameter(Tensor::full({n}, 4.0f, DType::f32, dev), site + ".lwc_gamma");
-      learned_[site + ".lwc_beta"] = ag::parameter(Tensor::full({n}, 4.0f, DType::f32, dev), site + ".lwc_beta");
+      learned_[site + ".lwc_gamma"] = ag::parameter(Tensor::full({n}, gamma0, DType::f32, dev), site + ".lwc_gamma");
+      learned_[site + ".lwc_beta"] = ag::parameter(Tensor::full({n}, gamma0, DType::f32, dev), site + ".lwc_beta");
     }
   }
-  if (!(omni && qc.let)) return;
+  if (!((omni && qc.let) || smooth || awq)) return;
 
   pairs_ = block_transform_pairs(cfg);
+  if (!omni) {  // SmoothQuant / AWQ scale the qkv, out, fc1 pairs only
+    pairs_.erase(std::remove_if(pairs_.begin(), pairs_.end(),
+                                [](const TransformPair& p) { return p.kind == TransformPair::Kind::q_rows_to_k_rows; }),
+                 pairs_.end());
+  }
   for (const TransformPair& p : pairs_) {
-    bool shift = cfg.is_opt() && qc.act_quant() && p.producer_has_bias && p.kind != TransformPair::Kind::q_rows_to_k_rows;
+    bool shift = omni && cfg.is_opt() && qc.act_quant() && p.producer_has_bias && p.kind != TransformPair::Kind::q_rows_to_k_rows;
     for (const std::string& c : p.consumers) shift = shift && weights.has(c + ".bias");
     pair_has_shift_[p.name] = shift;
 
@@ -146,7 +166,7 @@ std::vector<ag::Var> BlockQuantizer::let_params() const {
 // the transform
 
 ag::Var BlockQuantizer::scale_of(ag::Tape& t, const std::string& pair_name, bool expand_to_q) {
-  ag::Var s = ag::abs_floor_ste(t, learned_.at(pair_name + ".let_scale"), qc_.let_scale_floor);
+  ag::Var s = ag::abs_floor_ste(t, learned_.at(pair_name + ".let_scale"), let_floor_);
   if (pair_name == "qkt" && cfg_.is_llama()) s = ag::gather(t, s, rope_tie_index_);
   if (expand_to_q && cfg_.num_heads != cfg_.num_kv_heads) s = ag::gather(t, s, kv_to_q_index_);
   return s;

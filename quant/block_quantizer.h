@@ -22,8 +22,10 @@
 namespace omniq {
 
 // Per-input-channel statistics of a Linear site's input over the calibration set (f32 [in]).
+// absmean (AWQ's activation salience) is the mean of |x| over the `rows` tokens seen.
 struct ChannelStats {
-  Tensor absmax, min, max;
+  Tensor absmax, min, max, absmean;
+  int64_t rows = 0;
 };
 
 // Records ChannelStats of every Linear input while a (full-precision) block runs.
@@ -36,6 +38,12 @@ class ActivationStatsRecorder : public BlockHooks {
   std::map<std::string, ChannelStats> stats_;
 };
 
+// Which parameters a BlockQuantizer creates depends on qc.method:
+//  * "omniquant": LWC (qc.lwc, γ = β = 4) and LET on every pair incl. qkt (qc.let), shifts on OPT W-A;
+//  * "smoothquant": LET scales (no shifts) on the qkv, out, fc1 pairs, no LWC — set by init_smoothquant;
+//  * "awq": the same scales plus LWC γ/β initialised to "no clipping" (σ(γ) = 1 in fp32), to be set
+//    (not trained) by init_awq; the |s| floor is then 1e-5 instead of qc.let_scale_floor.
+//  * anything else ("rtn"): plain fake-quant.
 class BlockQuantizer : public BlockHooks {
  public:
   // `weights`: the block's original weights (Linear weights f32); `stats`: input statistics of the
@@ -64,6 +72,7 @@ class BlockQuantizer : public BlockHooks {
 
   const ModelConfig& cfg_;
   QuantConfig qc_;
+  float let_floor_;  // |s| floor: qc.let_scale_floor for OmniQuant's training, tiny for fixed scales
   DType compute_;
   std::map<std::string, ag::Var> originals_;  // the block's original parameters (constants)
   std::vector<TransformPair> pairs_;

@@ -18,6 +18,9 @@
 #include "ops/loss.h"
 #include "ops/reduce.h"
 #include "quant/act_quant_hooks.h"
+#include "quant/awq.h"
+#include "quant/gptq.h"
+#include "quant/smoothquant.h"
 #include "quant/block_quantizer.h"
 #include "quant/block_trainer.h"
 #include "quant/calib_data.h"
@@ -82,6 +85,22 @@ bool all_finite(const BlockWeights& w) {
   return true;
 }
 
+BlockWeights clone_as(const BlockWeights& w, DType dt) {
+  BlockWeights out;
+  out.what = w.what;
+  for (const auto& [k, t] : w.tensors) out.tensors[k] = t.to(dt);
+  return out;
+}
+
+// The BlockQuantizer settings a method needs: SmoothQuant and AWQ reuse LET's transform pairs
+// (their scales are set by a search, not trained); AWQ's clipping ratios live in LWC's γ/β.
+QuantConfig quantizer_config(const QuantConfig& qc) {
+  QuantConfig q = qc;
+  if (qc.method == "smoothquant") { q.method = "omniquant"; q.let = true; q.lwc = false; }
+  if (qc.method == "awq") { q.method = "omniquant"; q.let = true; q.lwc = true; }
+  return q;
+}
+
 }  // namespace
 
 CalibrationResult calibrate_model(const CalibrationOptions& opt) {
@@ -134,6 +153,7 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
   Tensor q_inps = fp_inps.clone();
 
   // 2. Blocks.
+  std::map<int64_t, BlockWeights> gptq_blocks;  // GPTQ's weights of the current block (f32)
   for (int64_t i = 0; i < ckpt.num_blocks(); ++i) {
     double tb = now_seconds();
     reset_peak_memory(dev);
@@ -144,10 +164,16 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
     const BlockWeights& wq = compute == DType::f32 ? w : w32;
     auto fp_params = block_params(w);
 
-    // fp targets, and the per-channel input statistics LET initialises from.
+    // fp targets, and the per-channel input statistics LET / SmoothQuant / AWQ initialise from.
     ActivationStatsRecorder stats;
-    Tensor fp_outs = run_block_over(cfg, fp_params, fp_inps, qc.let ? &stats : nullptr);
-    BlockQuantizer bq(cfg, qc, wq, &stats.stats(), compute);
+    bool need_stats = qc.let || qc.method == "smoothquant" || qc.method == "awq";
+    Tensor fp_outs = run_block_over(cfg, fp_params, fp_inps, need_stats ? &stats : nullptr);
+    BlockQuantizer bq(cfg, quantizer_config(qc), wq, &stats.stats(), compute);
+    if (qc.method == "smoothquant") init_smoothquant(bq, cfg, qc, wq, stats.stats());
+    if (qc.method == "awq") {
+      AwqReport ar = init_awq(bq, cfg, qc, wq, block_params(wq), fp_inps, fp_outs, stats.stats());
+      for (const auto& [pair, alpha] : ar.alpha) rep.search[pair + ".alpha"] = alpha;
+    }
 
     std::string state = block_state_path(result.state_dir, i);
     if (exists(state)) {
@@ -156,6 +182,11 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
         OMNIQ_CHECK(f.has("learned." + name), "%s lacks learned.%s: delete it to recalibrate block %lld",
                     state.c_str(), name.c_str(), static_cast<long long>(i));
         var->value.copy_from(f.read("learned." + name));
+      }
+      if (qc.method == "gptq") {  // GPTQ has no learned parameters: the state holds its weights
+        BlockWeights g = bq.fused(wq, DType::f32);
+        for (auto& [key, t] : g.tensors) t.copy_from(f.read("fused." + key));
+        gptq_blocks[i] = std::move(g);
       }
       auto meta = f.metadata();
       if (meta.count("epoch_loss")) rep.epoch_loss = nlohmann::json::parse(meta.at("epoch_loss")).get<std::vector<double>>();
@@ -173,6 +204,16 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
 
     // Fuse, check, and propagate the quantized stream through the final block.
     BlockWeights fused = bq.fused(wq, compute);
+    if (qc.method == "gptq" && gptq_blocks.count(i)) {
+      for (auto& [key, t] : fused.tensors) t.copy_from(gptq_blocks.at(i).get(key));
+    } else if (qc.method == "gptq") {
+      // GPTQ replaces the weights: sequentially per input group, on the quantized stream's inputs.
+      BlockWeights g = bq.fused(wq, DType::f32);  // the (untransformed) block with f32 Linear weights
+      for (const std::string& site : block_linear_sites(cfg)) g.get(site + ".weight").copy_from(wq.get(site + ".weight"));
+      gptq_quantize_block(cfg, g, q_inps, WeightQuantSpec{qc.wbits, qc.group_size, qc.symmetric}, GptqOptions{});
+      for (auto& [key, t] : fused.tensors) t.copy_from(g.get(key));
+      gptq_blocks[i] = std::move(g);
+    }
     OMNIQ_CHECK(all_finite(fused), "block %lld: the fused quantized weights contain NaN/Inf; nothing was written",
                 static_cast<long long>(i));
     ActivationQuantHooks act(qc.abits);
@@ -182,7 +223,7 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
     rep.peak_bytes = memory_stats(dev).peak_bytes;
 
     if (!rep.resumed) {
-      BlockWeights fused16 = bq.fused(wq, DType::f16);
+      BlockWeights fused16 = qc.method == "gptq" ? clone_as(gptq_blocks.at(i), DType::f16) : bq.fused(wq, DType::f16);
       std::vector<std::pair<std::string, const Tensor*>> tensors;
       std::vector<std::string> names;
       for (auto& [name, var] : bq.learned()) tensors.emplace_back("learned." + name, &var->value);
@@ -192,9 +233,11 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
                                               {"final_loss", std::to_string(rep.final_loss)},
                                               {"seconds", std::to_string(rep.seconds)},
                                               {"nan_retries", std::to_string(rep.nan_retries)},
+                                              {"search", nlohmann::json(rep.search).dump()},
                                               {"quant_config", cfg_json}};
       write_safetensors(state, tensors, meta);
     }
+    gptq_blocks.erase(i);
     q_inps = std::move(q_outs);
     fp_inps = std::move(fp_outs);
     result.peak_bytes = std::max(result.peak_bytes, rep.peak_bytes);

@@ -8,6 +8,7 @@
 // The Hugging Face folder is written only at the end, atomically (models/hf_export.h).
 #pragma once
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,7 @@ struct BlockReport {
   int64_t peak_bytes = 0;    // device peak during this block
   int nan_retries = 0;
   bool resumed = false;      // taken from the state folder
+  std::map<std::string, double> search;  // searched settings (AWQ: "<pair>.alpha")
 };
 
 struct CalibrationOptions {

@@ -14,7 +14,12 @@ std::string QuantConfig::setting_name() const {
 }
 
 void QuantConfig::validate() const {
-  OMNIQ_CHECK(method == "rtn" || method == "omniquant", "unknown method '%s': use rtn or omniquant", method.c_str());
+  OMNIQ_CHECK(method == "rtn" || method == "omniquant" || method == "gptq" || method == "awq" || method == "smoothquant",
+              "unknown method '%s': use rtn, omniquant, gptq, awq or smoothquant", method.c_str());
+  OMNIQ_CHECK(!(method == "gptq" || method == "awq") || !act_quant(),
+              "method %s quantizes weights only: set abits 16 (use smoothquant or omniquant for weight-activation)",
+              method.c_str());
+  OMNIQ_CHECK(method != "smoothquant" || act_quant(), "smoothquant is a weight-activation method: set abits below 16");
   auto bits_ok = [](int b) { return (b >= 2 && b <= 8) || b == 16; };
   OMNIQ_CHECK(bits_ok(wbits), "wbits %d unsupported: use 2..8, or 16 for unquantized weights", wbits);
   OMNIQ_CHECK(bits_ok(abits), "abits %d unsupported: use 2..8, or 16 for unquantized activations", abits);

@@ -8,7 +8,7 @@
 namespace omniq {
 
 struct QuantConfig {
-  std::string method = "omniquant";  // rtn | omniquant
+  std::string method = "omniquant";  // rtn | omniquant | gptq | awq | smoothquant
   int wbits = 4;                     // 2..8, 16 = weights not quantized
   int abits = 16;                    // 2..8, 16 = activations not quantized
   int group_size = 0;                // 0 = per output channel

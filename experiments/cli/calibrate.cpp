@@ -21,7 +21,7 @@ int run_calibrate(int argc, char** argv) {
   a.option("model", "DIR", "source model folder");
   a.option("out", "DIR", "output Hugging Face folder (written atomically at the end)");
   a.option("state", "DIR", "folder for per-block results (default: <out>.state)");
-  a.option("method", "M", "rtn | omniquant", "omniquant");
+  a.option("method", "M", "rtn | omniquant | gptq | awq (weight-only) | smoothquant (weight-activation)", "omniquant");
   a.option("wbits", "N", "weight bits 2..8 (16 = keep weights)", "4");
   a.option("abits", "N", "activation bits 2..8 (16 = keep activations)", "16");
   a.option("group-size", "G", "weight group size (0 = per output channel)", "0");
@@ -36,12 +36,14 @@ int run_calibrate(int argc, char** argv) {
   a.option("lwc-lr", "LR", "AdamW learning rate of LWC", "1e-2");
   a.option("let-lr", "LR", "AdamW learning rate of LET", "5e-3");
   a.option("wd", "X", "AdamW weight decay", "0");
-  a.option("alpha", "A", "LET init exponent (0.75 for W4A4 recipes)", "0.5");
+  a.option("alpha", "A", "LET init / SmoothQuant migration exponent (0.75 for W4A4 recipes)", "0.5");
   a.option("calib-text", "FILE", "calibration text (default: bundled WikiText-2 valid split)");
   a.option("device", "DEV", "cpu, cuda or cuda:N", cuda_available() ? "cuda" : "cpu");
   a.example("omniq calibrate --model data/models/llama-nano --method rtn --wbits 4 --group-size 128 --out out/rtn-w4g128");
   a.example("omniq calibrate --model llama-7b --method omniquant --wbits 3 --lwc --epochs 20 --out out/llama7b-w3");
   a.example("omniq calibrate --model opt-1.3b --wbits 4 --abits 4 --lwc --let --alpha 0.75 --out out/opt-w4a4");
+  a.example("omniq calibrate --model llama-7b --method gptq --wbits 3 --group-size 128 --out out/llama7b-gptq");
+  a.example("omniq calibrate --model opt-1.3b --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --out out/opt-sq");
   if (!a.parse(argc, argv)) return 0;
   OMNIQ_CHECK(a.has("model") && a.has("out"), "omniq calibrate: --model DIR and --out DIR are required (see --help)");
 
@@ -67,9 +69,9 @@ int run_calibrate(int argc, char** argv) {
   q.weight_decay = static_cast<float>(a.get_double("wd"));
   q.let_alpha = static_cast<float>(a.get_double("alpha"));
   q.calib_text = a.get("calib-text");
-  if (q.method == "rtn") {
-    OMNIQ_CHECK(!q.lwc && !q.let, "--method rtn takes no --lwc/--let (those are OmniQuant's)");
-    q.epochs = 0;
+  if (q.method != "omniquant") {
+    OMNIQ_CHECK(!q.lwc && !q.let, "--method %s takes no --lwc/--let (those are OmniQuant's)", q.method.c_str());
+    q.epochs = 0;  // only OmniQuant trains
   } else {
     OMNIQ_CHECK(q.lwc || q.let || q.epochs == 0,
                 "--method omniquant needs --lwc and/or --let (or --epochs 0 to fuse a saved state)");

@@ -5,5 +5,7 @@ namespace omniq::cli {
 
 int run_eval(int argc, char** argv);
 int run_calibrate(int argc, char** argv);
+int run_sweep_command(int argc, char** argv);  // omniq sweep FILE.yaml
+int run_run_command(int argc, char** argv);    // omniq run FILE.yaml
 
 }  // namespace omniq::cli

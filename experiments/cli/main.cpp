@@ -16,10 +16,13 @@ void print_usage() {
       "commands:\n"
       "  calibrate  quantize a model (RTN or OmniQuant: LWC, LET) and write a Hugging Face folder\n"
       "  eval       perplexity of a Hugging Face LLaMA/OPT model folder on WikiText-2 or any text file\n"
+      "  run        one experiment from a YAML file: calibrate, log to run.h5, evaluate (resumable)\n"
+      "  sweep      every point of a YAML sweep (grid and/or runs list), then a summary table\n"
       "\n"
       "Run `omniq <command> --help` for the options of a command.\n"
       "\n"
       "examples:\n"
+      "  omniq sweep experiments/configs/quickstart.yaml\n"
       "  omniq calibrate --model data/models/llama-nano --wbits 3 --lwc --epochs 2 --nsamples 16 --seqlen 256 --out out/w3\n"
       "  omniq eval --model out/w3\n"
       "  omniq eval --model data/models/llama-nano --device cpu\n"
@@ -37,6 +40,8 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "eval") return omniq::cli::run_eval(argc - 2, argv + 2);
     if (cmd == "calibrate") return omniq::cli::run_calibrate(argc - 2, argv + 2);
+    if (cmd == "sweep") return omniq::cli::run_sweep_command(argc - 2, argv + 2);
+    if (cmd == "run") return omniq::cli::run_run_command(argc - 2, argv + 2);
     std::fprintf(stderr, "omniq: unknown command '%s'\n\n", cmd.c_str());
     print_usage();
     return 2;

@@ -1,0 +1,53 @@
+// The experiment runner: one sweep point = one run directory
+//
+//   <sweep_dir>/<point name>/
+//     config.yaml   the resolved config (to_yaml), the exact input of this run
+//     run.h5        metrics, environment, learned parameters (experiments/h5_log.h)
+//     model/        the exported Hugging Face folder (quantized)
+//     model.state/  calibrate_model's per-block state: what makes a killed run resume
+//
+// A point whose run.h5 says "complete" is skipped; an interrupted point resumes from its last
+// finished block; a point that fails is logged (status "failed", `error`) and the sweep goes on.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "experiments/sweep.h"
+
+namespace omniq {
+
+struct PointResult {
+  std::string name;
+  std::string dir;
+  std::vector<std::pair<std::string, std::string>> settings;  // the point's varying settings
+  QuantConfig qc;
+  std::string status;  // complete | failed
+  std::string error;
+  bool skipped = false;      // already complete before this call
+  double final_loss = 0;     // final MSE of the last block (NaN when no block finished)
+  double calib_seconds = 0;  // sum of the blocks' seconds
+  int64_t peak_bytes = 0;    // max over blocks
+  std::vector<std::pair<std::string, double>> ppl;  // eval label -> perplexity, in config order
+};
+
+// Runs (or skips, or resumes) one point. Never throws for a failure of the run itself: it is
+// reported in the result and in run.h5.
+PointResult run_point(const SweepPoint& point, const std::string& sweep_dir);
+
+// Expands `path`, runs every point in order into <output.dir>/<name>/, writes summary.csv and
+// summary.md there and prints the markdown table to stdout.
+std::vector<PointResult> run_sweep(const std::string& path);
+
+// The sweep directory of a config: output.dir + "/" + name.
+std::string sweep_dir_of(const ExperimentConfig& c);
+
+// The summary table: name, varying settings, method, W/A/g, final block loss, calibration
+// seconds, peak MiB, each dataset's ppl, status.
+std::string summary_markdown(const std::vector<PointResult>& results);
+std::string summary_csv(const std::vector<PointResult>& results);
+
+// "auto" -> "cuda" when a GPU is visible, else "cpu"; anything else unchanged.
+std::string resolve_device_name(const std::string& device);
+
+}  // namespace omniq
