@@ -347,6 +347,7 @@ void RunLog::write_block(const BlockReport& r, const std::vector<std::pair<std::
   attr_i64(g, "peak_bytes", r.peak_bytes);
   attr_i64(g, "nan_retries", r.nan_retries);
   attr_i64(g, "resumed", r.resumed ? 1 : 0);
+  for (const auto& [k, v] : r.search) attr_f64(g, "search." + k, v);  // e.g. AWQ's searched alphas
   Handle pg(H5Gcreate2(g, "params", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
   H5_CHECK(pg.id, path_);
   for (const auto& [pname, t] : params) {

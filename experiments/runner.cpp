@@ -111,7 +111,8 @@ Table summary_table(const std::vector<PointResult>& results) {
   t.header.push_back("name");
   for (const std::string& k : setting_keys) t.header.push_back(k);
   for (const char* h : {"method", "W/A/g", "final_loss", "calib_s", "peak_MiB"}) t.header.push_back(h);
-  for (const std::string& l : ppl_labels) t.header.push_back("ppl " + l);
+  // A text file's column is named after its file name (the full path is in run.h5 /eval/*/source).
+  for (const std::string& l : ppl_labels) t.header.push_back("ppl " + l.substr(l.rfind('/') + 1));
   t.header.push_back("status");
   for (const PointResult& r : results) {
     std::vector<std::string> row{r.name};

@@ -132,10 +132,11 @@ AwqReport init_awq(BlockQuantizer& bq, const ModelConfig& cfg, const QuantConfig
   for (const TransformPair& p : block_transform_pairs(cfg))
     if (p.kind != TransformPair::Kind::q_rows_to_k_rows) pairs.push_back(p);
 
-  // Start from the identity transform and no clipping.
+  // Start from the identity transform (s = 1, and δ = 0 should bq have been built with OmniQuant's
+  // shifts, which AWQ does not use) and no clipping.
   for (auto& [name, v] : bq.learned()) {
-    std::vector<float> init(static_cast<size_t>(v->value.numel()), name.find(".lwc_") != std::string::npos ? kNoClip : 1.0f);
-    set_values(v, init);
+    bool lwc = name.find(".lwc_") != std::string::npos, shift = name.find(".let_shift") != std::string::npos;
+    set_values(v, std::vector<float>(static_cast<size_t>(v->value.numel()), lwc ? kNoClip : shift ? 0.0f : 1.0f));
   }
 
   // 1. Scale search, pairs in forward order.

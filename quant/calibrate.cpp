@@ -92,15 +92,6 @@ BlockWeights clone_as(const BlockWeights& w, DType dt) {
   return out;
 }
 
-// The BlockQuantizer settings a method needs: SmoothQuant and AWQ reuse LET's transform pairs
-// (their scales are set by a search, not trained); AWQ's clipping ratios live in LWC's γ/β.
-QuantConfig quantizer_config(const QuantConfig& qc) {
-  QuantConfig q = qc;
-  if (qc.method == "smoothquant") { q.method = "omniquant"; q.let = true; q.lwc = false; }
-  if (qc.method == "awq") { q.method = "omniquant"; q.let = true; q.lwc = true; }
-  return q;
-}
-
 }  // namespace
 
 CalibrationResult calibrate_model(const CalibrationOptions& opt) {
@@ -142,6 +133,7 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
   std::vector<int32_t> ids = tok.encode(read_text_file(calib_path), true);
   auto windows = sample_calibration_windows(ids, qc.nsamples, seqlen, qc.seed);
   result.calib_tokens = qc.nsamples * seqlen;
+  if (!opt.windows_out.empty()) write_file_atomic(opt.windows_out, nlohmann::json(windows).dump());
   Tensor fp_inps = Tensor::empty({qc.nsamples, seqlen, cfg.hidden_size}, compute, dev);
   {
     NamedWeights emb = ckpt.load_embeddings(compute, dev);
@@ -168,7 +160,7 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
     ActivationStatsRecorder stats;
     bool need_stats = qc.let || qc.method == "smoothquant" || qc.method == "awq";
     Tensor fp_outs = run_block_over(cfg, fp_params, fp_inps, need_stats ? &stats : nullptr);
-    BlockQuantizer bq(cfg, quantizer_config(qc), wq, &stats.stats(), compute);
+    BlockQuantizer bq(cfg, qc, wq, &stats.stats(), compute);  // knows each method's parameters
     if (qc.method == "smoothquant") init_smoothquant(bq, cfg, qc, wq, stats.stats());
     if (qc.method == "awq") {
       AwqReport ar = init_awq(bq, cfg, qc, wq, block_params(wq), fp_inps, fp_outs, stats.stats());

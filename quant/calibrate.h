@@ -36,6 +36,7 @@ struct CalibrationOptions {
   Device device = Device::cpu();
   DType compute = DType::f32;  // f32 on the CPU; bf16 on CUDA by default
   bool export_model = true;
+  std::string windows_out;     // if set: the calibration windows' token ids as JSON (for references)
   std::function<void(const BlockReport&)> on_block;                // after each block
   std::function<void(int64_t block, int epoch, double loss)> on_epoch;
 };

@@ -30,6 +30,12 @@ void init_smoothquant(BlockQuantizer& bq, const ModelConfig& cfg, const QuantCon
                       const std::map<std::string, ChannelStats>& stats) {
   const double alpha = qc.let_alpha;
   OMNIQ_CHECK(alpha >= 0.0 && alpha <= 1.0, "SmoothQuant: alpha %g must lie in [0, 1]", alpha);
+  // A BlockQuantizer built as OmniQuant's (method "omniquant", let) also has the qkt scale and, on
+  // OPT weight-activation, shifts: SmoothQuant uses neither, so they are set to the identity.
+  for (auto& [name, v] : bq.learned()) {
+    bool shift = name.find(".let_shift") != std::string::npos, qkt = name.rfind("qkt.", 0) == 0;
+    if (shift || qkt) v->value.copy_from(Tensor::full(v->value.shape(), shift ? 0.0f : 1.0f, DType::f32));
+  }
   for (const TransformPair& p : block_transform_pairs(cfg)) {
     if (p.kind == TransformPair::Kind::q_rows_to_k_rows) continue;
     auto slot = bq.learned().find(p.name + ".let_scale");

@@ -39,6 +39,8 @@ int run_calibrate(int argc, char** argv) {
   a.option("alpha", "A", "LET init / SmoothQuant migration exponent (0.75 for W4A4 recipes)", "0.5");
   a.option("calib-text", "FILE", "calibration text (default: bundled WikiText-2 valid split)");
   a.option("device", "DEV", "cpu, cuda or cuda:N", cuda_available() ? "cuda" : "cpu");
+  a.option("dtype", "T", "compute dtype on CUDA: bf16 (default) or f32", "bf16");
+  a.option("dump-windows", "FILE", "write the calibration windows' token ids as JSON (for reference scripts)");
   a.example("omniq calibrate --model data/models/llama-nano --method rtn --wbits 4 --group-size 128 --out out/rtn-w4g128");
   a.example("omniq calibrate --model llama-7b --method omniquant --wbits 3 --lwc --epochs 20 --out out/llama7b-w3");
   a.example("omniq calibrate --model opt-1.3b --wbits 4 --abits 4 --lwc --let --alpha 0.75 --out out/opt-w4a4");
@@ -51,6 +53,7 @@ int run_calibrate(int argc, char** argv) {
   o.model_dir = a.get("model");
   o.out_dir = a.get("out");
   o.state_dir = a.get("state");
+  o.windows_out = a.get("dump-windows");
   QuantConfig& q = o.qc;
   q.method = a.get("method");
   q.wbits = a.get_int("wbits");
@@ -80,7 +83,9 @@ int run_calibrate(int argc, char** argv) {
   o.device = Device::parse(a.get("device"));
   OMNIQ_CHECK(o.device.is_cpu() || cuda_available(), "--device %s: no CUDA device visible; use --device cpu",
               o.device.str().c_str());
-  o.compute = o.device.is_cpu() ? DType::f32 : DType::bf16;
+  std::string dt = a.get("dtype");
+  OMNIQ_CHECK(dt == "bf16" || dt == "f32", "--dtype %s: use bf16 or f32", dt.c_str());
+  o.compute = o.device.is_cpu() || dt == "f32" ? DType::f32 : DType::bf16;
 
   std::printf("calibrate %s -> %s: %s %s, %d samples x %d tokens, %d epochs, on %s\n", o.model_dir.c_str(),
               o.out_dir.c_str(), q.method.c_str(), q.setting_name().c_str(), q.nsamples, q.seqlen, q.epochs,
