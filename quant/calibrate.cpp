@@ -31,6 +31,8 @@ namespace omniq {
 
 namespace {
 
+constexpr int64_t kAwqSearchSamples = 32;
+
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -163,7 +165,11 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
     BlockQuantizer bq(cfg, qc, wq, &stats.stats(), compute);  // knows each method's parameters
     if (qc.method == "smoothquant") init_smoothquant(bq, cfg, qc, wq, stats.stats());
     if (qc.method == "awq") {
-      AwqReport ar = init_awq(bq, cfg, qc, wq, block_params(wq), fp_inps, fp_outs, stats.stats());
+      // The search runs 60 fused-block passes per pair grid: like the AWQ paper's 128 × 512 tokens,
+      // search on a subset of the windows (at most 32).
+      int64_t ns = std::min<int64_t>(fp_inps.size(0), kAwqSearchSamples);
+      AwqReport ar = init_awq(bq, cfg, qc, wq, block_params(wq), fp_inps.view_rows(0, ns), fp_outs.view_rows(0, ns),
+                              stats.stats());
       for (const auto& [pair, alpha] : ar.alpha) rep.search[pair + ".alpha"] = alpha;
     }
 

@@ -169,7 +169,7 @@ TEST(ExperimentConfig, ImpossibleValuesBlameTheirKey) {
   expect_error("model: {path: m}\nquantization:\n  method: omniquant\n  wbits: 1\n",
                {"quantization.wbits at config.yaml:4", "wbits 1 unsupported"});
   expect_error("model: {path: m}\nquantization:\n  group_size: 100\n", {"quantization.group_size at config.yaml:3", "group size 100"});
-  expect_error("model: {path: m}\nquantization:\n  method: gptq\n", {"quantization.method at config.yaml:3", "gptq"});
+  expect_error("model: {path: m}\nquantization:\n  method: hqq\n", {"quantization.method at config.yaml:3", "hqq"});
   expect_error("model: {path: m}\nquantization:\n  let_alpha: 1.5\n", {"quantization.let_alpha at config.yaml:3"});
   // Only wrong together: W16A16 quantizes nothing; the first differing key is blamed.
   expect_error("model: {path: m}\nquantization:\n  epochs: 3\n  wbits: 16\n", {"quantization.wbits at config.yaml:4", "W16A16"});

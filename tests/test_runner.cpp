@@ -265,6 +265,85 @@ TEST(Runner, SweepWritesSummarySkipsFinishedPointsAndSurvivesAFailure) {
   EXPECT_EQ(again[2].status, "failed");
 }
 
+TEST(RunLog, ReopenKeepsFinishedBlocksAndRewritesRedoneOnes) {
+  TempRun t;
+  const std::string path = t.dir + "/run.h5";
+  auto report = [](int64_t b, double loss) {
+    BlockReport r;
+    r.block = b;
+    r.final_loss = loss;
+    r.epoch_loss = {2 * loss, loss};
+    r.seconds = 1.5;
+    r.peak_bytes = 1024;
+    return r;
+  };
+  std::vector<std::pair<std::string, Tensor>> params;
+  params.emplace_back("q_proj.lwc_gamma", Tensor::from_f32({1.f, 2.f, 3.f, 4.f, 5.f, 6.f}, {2, 3}));
+  {
+    RunLog log(path);
+    log.set_status("running");
+    log.write_block(report(0, 0.1), params);
+    log.write_block(report(1, 0.2), params);
+    log.write_eval("wikitext2", EvalRecord{"x", 10.0, std::log(10.0), 1.0, 100, 2, 64});
+    log.set_status("complete");
+  }
+  {
+    RunLog log(path);  // a rerun of the same point
+    EXPECT_TRUE(log.has_block(0));
+    EXPECT_TRUE(log.has_block(1));
+    EXPECT_FALSE(log.has_block(2));
+    log.set_status("running");  // drops the old evaluation: it no longer describes the file
+    log.write_block(report(1, 0.25), {});
+    log.write_block(report(2, 0.3), params);
+  }
+  RunRecord rec = read_run_log(path);
+  EXPECT_EQ(rec.status, "running");
+  EXPECT_TRUE(rec.evals.empty());
+  ASSERT_EQ(rec.blocks.size(), 3u);
+  EXPECT_EQ(rec.blocks.at(0).final_loss, 0.1);
+  EXPECT_EQ(rec.blocks.at(1).final_loss, 0.25);
+  EXPECT_EQ(rec.blocks.at(2).epoch_loss, (std::vector<double>{0.6, 0.3}));
+  hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  EXPECT_EQ(h5_dataset<double>(f, "/summary/final_loss", H5T_NATIVE_DOUBLE), (std::vector<double>{0.1, 0.25, 0.3}));
+  // a 2-D parameter keeps its shape
+  hid_t d = H5Dopen2(f, "/blocks/block_002/params/q_proj.lwc_gamma", H5P_DEFAULT);
+  ASSERT_GE(d, 0);
+  hid_t sp = H5Dget_space(d);
+  hsize_t dims[2] = {0, 0};
+  EXPECT_EQ(H5Sget_simple_extent_dims(sp, dims, nullptr), 2);
+  EXPECT_EQ(dims[0], 2u);
+  EXPECT_EQ(dims[1], 3u);
+  H5Sclose(sp);
+  H5Dclose(d);
+  // block 1 was redone without parameters: the old ones are gone with the old record
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  EXPECT_LE(H5Lexists(f, "/blocks/block_001/params/q_proj.lwc_gamma", H5P_DEFAULT), 0);
+  H5Fclose(f);
+}
+
+TEST(RunLog, AnUnreadableFileIsMovedAsideNotTrusted) {
+  TempRun t;
+  const std::string path = t.dir + "/run.h5";
+  spit(path, "this is not an HDF5 file");
+  EXPECT_EQ(read_run_log(path).status, "");
+  {
+    RunLog log(path);
+    log.set_status("running");
+  }
+  EXPECT_EQ(h5_status(path), "running");
+  EXPECT_EQ(slurp(path + ".corrupt"), "this is not an HDF5 file");
+}
+
+TEST(Runner, RunCommandRefusesASweepFile) {
+  TempRun t;
+  ASSERT_TRUE(exists(omniq_binary()));
+  spit(t.dir + "/s.yaml", t.base("s", t.dir + "/runs", 1) + "sweep:\n  quantization.wbits: [3, 4]\n");
+  EXPECT_EQ(wait_exit(spawn_omniq({"run", t.dir + "/s.yaml"}, t.dir + "/s.log")), 1);
+  EXPECT_NE(slurp(t.dir + "/s.log").find("omniq sweep"), std::string::npos) << slurp(t.dir + "/s.log");
+  EXPECT_FALSE(exists(t.dir + "/runs"));
+}
+
 TEST(Runner, SigkilledRunResumesToTheUninterruptedResult) {
   TempRun t;
   const std::string bin = omniq_binary();
