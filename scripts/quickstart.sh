@@ -16,6 +16,7 @@ elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
 else
   build=build-quickstart; cuda=(-DOMNIQ_CUDA=OFF)    # no GPU: CPU only, much faster to compile
 fi
+./scripts/install_deps.sh
 for tool in cmake ninja g++; do
   command -v "$tool" >/dev/null || { echo "quickstart: '$tool' is missing; run ./scripts/test.sh once (it installs the build dependencies)" >&2; exit 1; }
 done

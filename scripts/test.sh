@@ -5,19 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$(pwd)
 
-need=()
-for pkg in cmake ninja-build g++ libgtest-dev libyaml-cpp-dev libhdf5-dev hdf5-tools nlohmann-json3-dev libopenblas-dev; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "== installing: ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-  else
-    echo "== missing packages (install them or run as root): ${need[*]}" >&2
-  fi
-fi
+./scripts/install_deps.sh
 
 if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc
