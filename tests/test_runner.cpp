@@ -75,6 +75,10 @@ std::string h5_attr_string(hid_t obj, const char* name) {
   if (a < 0) return "<missing>";
   hid_t t = H5Tcopy(H5T_C_S1);
   H5Tset_size(t, H5T_VARIABLE);
+  // Read in the character set the file stores (omniq writes UTF-8; HDF5 will not convert charsets).
+  hid_t ft = H5Aget_type(a);
+  H5Tset_cset(t, H5Tget_cset(ft));
+  H5Tclose(ft);
   char* p = nullptr;
   std::string s = H5Aread(a, t, &p) >= 0 && p ? p : "<unreadable>";
   if (p) H5free_memory(p);
