@@ -5,6 +5,7 @@
 #include "experiments/cli/args.h"
 #include "experiments/cli/commands.h"
 #include "experiments/progress.h"
+#include "models/model_config.h"
 #include "quant/calibrate.h"
 #include "runtime/error.h"
 
@@ -90,14 +91,16 @@ int run_calibrate(int argc, char** argv) {
   std::printf("calibrate %s -> %s: %s %s, %d samples x %d tokens, %d epochs, on %s\n", o.model_dir.c_str(),
               o.out_dir.c_str(), q.method.c_str(), q.setting_name().c_str(), q.nsamples, q.seqlen, q.epochs,
               o.device.str().c_str());
-  std::unique_ptr<ProgressBar> bar;
+  // One bar over the whole run (blocks × epochs) so the ETA covers everything left.
+  const int64_t nblocks = ModelConfig::from_dir(o.model_dir).num_layers;
+  const int64_t per_block = q.trains() ? q.epochs : 1;
+  ProgressBar bar("calibrate", nblocks * per_block, q.trains() ? "epoch" : "block");
   o.on_epoch = [&](int64_t block, int epoch, double loss) {
-    if (!bar) bar = std::make_unique<ProgressBar>("calibrate", 0, "epoch");
-    bar->update(epoch + 1, strformat("block %lld loss %.4g", static_cast<long long>(block), loss));
+    bar.update(block * per_block + epoch + 1, strformat("block %lld loss %.4g", static_cast<long long>(block), loss));
   };
   o.on_block = [&](const BlockReport& r) {
-    if (bar) bar->finish();
-    bar.reset();
+    bar.update((r.block + 1) * per_block);
+    if (ProgressBar::enabled()) std::fputs("\r\033[K", stderr);  // clear the bar line before the block line
     std::printf("block %3lld  %s  final mse %.6g  %.1f s  peak %.0f MiB%s\n", static_cast<long long>(r.block),
                 r.epoch_loss.empty() ? "(no training)"
                                      : strformat("loss %.5g -> %.5g", r.epoch_loss.front(), r.epoch_loss.back()).c_str(),
@@ -105,6 +108,7 @@ int run_calibrate(int argc, char** argv) {
     std::fflush(stdout);
   };
   CalibrationResult r = calibrate_model(o);
+  bar.finish();
   std::printf("done in %s: %zu blocks, peak memory %.0f MiB; model written to %s (state in %s)\n",
               format_duration(r.seconds).c_str(), r.blocks.size(), r.peak_bytes / 1048576.0, r.out_dir.c_str(),
               r.state_dir.c_str());
