@@ -261,9 +261,14 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir) {
   return res;
 }
 
-std::vector<PointResult> run_sweep(const std::string& path) {
+std::vector<PointResult> run_sweep(const std::string& path, const std::string& model_path,
+                                   const std::string& output_dir) {
   std::vector<SweepPoint> points = load_sweep(path);
   OMNIQ_CHECK(!points.empty(), "%s describes no runs", path.c_str());
+  for (SweepPoint& p : points) {
+    if (!model_path.empty()) p.config.model.path = model_path;
+    if (!output_dir.empty()) p.config.output.dir = output_dir;
+  }
   const std::string dir = sweep_dir_of(points.front().config);
   std::printf("sweep %s: %zu points -> %s\n", path.c_str(), points.size(), dir.c_str());
   std::vector<PointResult> results;

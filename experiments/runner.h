@@ -37,7 +37,10 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir);
 
 // Expands `path`, runs every point in order into <output.dir>/<name>/, writes summary.csv and
 // summary.md there and prints the markdown table to stdout.
-std::vector<PointResult> run_sweep(const std::string& path);
+// model_path / output_dir, when not empty, replace every point's model.path / output.dir (so one
+// table layout serves any model: `omniq sweep paper.yaml --model DIR --out runs/DIR-name`).
+std::vector<PointResult> run_sweep(const std::string& path, const std::string& model_path = "",
+                                   const std::string& output_dir = "");
 
 // The sweep directory of a config: output.dir + "/" + name.
 std::string sweep_dir_of(const ExperimentConfig& c);

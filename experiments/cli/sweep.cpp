@@ -55,12 +55,14 @@ int run_sweep_command(int argc, char** argv) {
                      "the table is printed.\n\n") +
              kRunDirHelp + "\n\nusage: omniq sweep FILE.yaml");
   a.example("omniq sweep experiments/configs/quickstart.yaml");
-  a.example("omniq sweep experiments/configs/paper_weight_only.yaml   # after setting model.path");
+  a.option("model", "DIR", "use this model folder for every point (replaces model.path)");
+  a.option("out", "DIR", "write the sweep under this folder (replaces output.dir)");
+  a.example("omniq sweep experiments/configs/paper_weight_only.yaml --model /models/Llama-2-7b-hf --out runs/llama2-7b");
   std::vector<char*> opts;
   std::string file = take_file(argc, argv, &opts, "sweep");
   if (!a.parse(static_cast<int>(opts.size()), opts.data())) return 0;
   OMNIQ_CHECK(!file.empty(), "omniq sweep: give the sweep file, e.g. omniq sweep experiments/configs/quickstart.yaml");
-  std::vector<PointResult> results = run_sweep(file);
+  std::vector<PointResult> results = run_sweep(file, a.get("model"), a.get("out"));
   int failed = 0;
   for (const PointResult& r : results) failed += r.status != "complete";
   if (failed) std::fprintf(stderr, "omniq sweep: %d of %zu points failed (see their run.h5 `error`)\n", failed, results.size());
