@@ -302,12 +302,21 @@ ExperimentConfig parse_experiment_fields(const YAML::Node& root, const std::stri
   return c;
 }
 
+void validate_quantization(const QuantConfig& q) {
+  if (!is_unquantized(q)) return q.validate();
+  // QuantConfig refuses W16A16 (calibrate_model would have nothing to do); here it is the FP16
+  // baseline, so every other field is checked as it would be with quantized weights.
+  QuantConfig probe = q;
+  probe.wbits = 8;
+  probe.validate();
+}
+
 void validate_experiment(const ExperimentConfig& c, const ConfigLocations& where) {
   const std::string& src = where.source;
   auto fail = [&](const std::string& path, const std::string& msg) { fail_at(src, where.find(path), path, msg); };
 
   try {
-    c.quantization.validate();
+    validate_quantization(c.quantization);
   } catch (const Error& e) {
     // Find the key to blame: the first field that is invalid on its own (set alone on top of the
     // defaults). A combination that is only wrong together (W16A16) blames the first field that
@@ -329,7 +338,7 @@ void validate_experiment(const ExperimentConfig& c, const ConfigLocations& where
       });
       if (!differs) return;
       try {
-        one.quantization.validate();
+        validate_quantization(one.quantization);
       } catch (const Error&) {
         culprit = p;
       }

@@ -104,7 +104,14 @@ void set_experiment_field(ExperimentConfig& c, const std::string& path, const YA
 // The field's value as it appears in to_yaml (lists as "[a, b]"); used to name sweep points.
 std::string experiment_field_text(const ExperimentConfig& c, const std::string& path);
 
-// Checks values (QuantConfig::validate, device, eval dtype/seqlen, datasets, model path) and
+// wbits 16 and abits 16: the unquantized baseline (the paper's FP16 row). An experiment may ask
+// for it: the runner then calibrates nothing and evaluates the original checkpoint (the method is
+// not used). QuantConfig::validate itself refuses W16A16, which quantizes nothing.
+inline bool is_unquantized(const QuantConfig& q) { return !q.weight_quant() && !q.act_quant(); }
+// QuantConfig::validate, except that W16A16 (is_unquantized) is allowed.
+void validate_quantization(const QuantConfig& q);
+
+// Checks values (validate_quantization, device, eval dtype/seqlen, datasets, model path) and
 // reports the first problem at the line of the offending key (or of its section).
 void validate_experiment(const ExperimentConfig& c, const ConfigLocations& where);
 

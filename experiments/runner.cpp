@@ -9,8 +9,10 @@
 #include <fstream>
 #include <limits>
 #include <memory>
+#include <regex>
 
 #include "experiments/h5_log.h"
+#include "experiments/paper_table.h"
 #include "experiments/progress.h"
 #include "models/causal_lm.h"
 #include "models/datasets.h"
@@ -107,8 +109,11 @@ Table summary_table(const std::vector<PointResult>& results) {
     for (const auto& [l, p] : r.ppl)
       if (std::find(ppl_labels.begin(), ppl_labels.end(), l) == ppl_labels.end()) ppl_labels.push_back(l);
   }
+  bool models = false;
+  for (const PointResult& r : results) models = models || !r.model.empty();
   Table t;
   t.header.push_back("name");
+  if (models) t.header.push_back("model");
   for (const std::string& k : setting_keys) t.header.push_back(k);
   for (const char* h : {"method", "W/A/g", "final_loss", "calib_s", "peak_MiB"}) t.header.push_back(h);
   // A text file's column is named after its file name (the full path is in run.h5 /eval/*/source).
@@ -116,13 +121,14 @@ Table summary_table(const std::vector<PointResult>& results) {
   t.header.push_back("status");
   for (const PointResult& r : results) {
     std::vector<std::string> row{r.name};
+    if (models) row.push_back(r.model);
     for (const std::string& k : setting_keys) {
       std::string v;
       for (const auto& [sk, sv] : r.settings)
         if (sk == k) v = sv;
       row.push_back(v);
     }
-    row.push_back(r.qc.method);
+    row.push_back(is_unquantized(r.qc) ? "-" : r.qc.method);
     row.push_back(r.qc.setting_name());
     row.push_back(fmt_num(r.final_loss, "%.4g"));
     row.push_back(fmt_num(r.calib_seconds, "%.1f"));
@@ -154,9 +160,9 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir) {
   res.name = point.name;
   res.dir = sweep_dir + "/" + point.name;
   res.settings = point.settings;
+  res.model = point.model;
   res.qc = c.quantization;
   const std::string h5 = res.dir + "/run.h5";
-
   RunRecord prev = read_run_log(h5);
   if (prev.status == "complete") {
     res.status = "complete";
@@ -164,6 +170,17 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir) {
     fill_from_record(res, prev, c);
     std::printf("%s: complete in %s, skipped\n", point.name.c_str(), res.dir.c_str());
     std::fflush(stdout);
+    return res;
+  }
+
+  // An unset ${VAR} of a models: path (sweep.h): say which variable, not "cannot open ${...}".
+  size_t var = c.model.path.find("${");
+  if (var != std::string::npos) {
+    res.status = "failed";
+    res.error = strformat("model.path '%s': the environment variable %s is not set", c.model.path.c_str(),
+                          c.model.path.substr(var + 2, c.model.path.find('}', var) - var - 2).c_str());
+    std::fprintf(stderr, "%s: not started: %s\n", point.name.c_str(), res.error.c_str());
+    fill_from_record(res, RunRecord{}, c);
     return res;
   }
 
@@ -178,12 +195,14 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir) {
     log->write_config(c, point.name);
     log->write_environment(collect_environment(dev));
     log->set_status("running");
-    std::printf("%s: %s %s on %s -> %s%s\n", point.name.c_str(), c.quantization.method.c_str(),
+    std::printf("%s: %s %s on %s -> %s%s\n", point.name.c_str(),
+                is_unquantized(c.quantization) ? "unquantized" : c.quantization.method.c_str(),
                 c.quantization.setting_name().c_str(), dev.str().c_str(), res.dir.c_str(),
                 prev.status.empty() ? "" : strformat(" (resuming a %s run)", prev.status.c_str()).c_str());
     std::fflush(stdout);
 
-    // ---- calibration (resumes from model.state/) ----
+    // ---- calibration (resumes from model.state/); the FP16 baseline evaluates the original ----
+    const bool fp_baseline = is_unquantized(c.quantization);
     CalibrationOptions o;
     o.model_dir = c.model.path;
     o.out_dir = res.dir + "/model";
@@ -191,7 +210,8 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir) {
     o.qc = c.quantization;
     o.device = dev;
     o.compute = dev.is_cpu() ? DType::f32 : DType::bf16;
-    const int64_t nblocks = ModelConfig::from_dir(c.model.path).num_layers;
+    if (fp_baseline) std::printf("  unquantized baseline: nothing to calibrate, evaluating %s\n", c.model.path.c_str());
+    const int64_t nblocks = fp_baseline ? 0 : ModelConfig::from_dir(c.model.path).num_layers;
     const int64_t per_block = o.qc.trains() ? o.qc.epochs : 1;
     const bool quiet_lines = ProgressBar::enabled();  // the bar shows the same; lines are for logs
     ProgressBar cbar("calibrate " + point.name, nblocks * per_block, o.qc.trains() ? "epoch" : "block");
@@ -209,13 +229,14 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir) {
         std::fflush(stdout);
       }
     };
-    calibrate_model(o);
+    if (!fp_baseline) calibrate_model(o);
     cbar.finish();
 
     // ---- evaluation of the exported model ----
+    const std::string eval_dir = fp_baseline ? c.model.path : o.out_dir;
     DType edt = eval_dtype(c, dev);
-    Tokenizer tok = Tokenizer::from_model_dir(o.out_dir);
-    CausalLM model(o.out_dir, edt, dev);
+    Tokenizer tok = Tokenizer::from_model_dir(eval_dir);
+    CausalLM model(eval_dir, edt, dev);
     std::unique_ptr<ActivationQuantHooks> act;
     if (c.quantization.act_quant()) {  // weight-activation: activations are quantized at run time
       act = std::make_unique<ActivationQuantHooks>(c.quantization.abits);
@@ -261,27 +282,113 @@ PointResult run_point(const SweepPoint& point, const std::string& sweep_dir) {
   return res;
 }
 
-std::vector<PointResult> run_sweep(const std::string& path, const std::string& model_path,
-                                   const std::string& output_dir) {
+PointResult read_point_result(const SweepPoint& point, const std::string& sweep_dir) {
+  PointResult res;
+  res.name = point.name;
+  res.model = point.model;
+  res.dir = sweep_dir + "/" + point.name;
+  res.settings = point.settings;
+  res.qc = point.config.quantization;
+  RunRecord rec = read_run_log(res.dir + "/run.h5");
+  res.status = rec.status.empty() ? "missing" : rec.status;
+  res.error = rec.error;
+  fill_from_record(res, rec, point.config);
+  return res;
+}
+
+bool point_selected(const std::string& name, const std::string& only) {
+  if (only.empty()) return true;
+  try {
+    return std::regex_search(name, std::regex(only));
+  } catch (const std::regex_error& e) {
+    OMNIQ_FAIL("--only '%s' is not a valid regular expression (%s)", only.c_str(), e.what());
+  }
+}
+
+std::vector<SweepPoint> load_sweep_points(const std::string& path, const std::string& model_path,
+                                          const std::string& output_dir) {
   std::vector<SweepPoint> points = load_sweep(path);
   OMNIQ_CHECK(!points.empty(), "%s describes no runs", path.c_str());
+  const bool has_models = !points.front().model.empty();
+  OMNIQ_CHECK(model_path.empty() || !has_models,
+              "%s names its models in models: (one folder per model): choose points with --only instead of --model",
+              path.c_str());
   for (SweepPoint& p : points) {
     if (!model_path.empty()) p.config.model.path = model_path;
     if (!output_dir.empty()) p.config.output.dir = output_dir;
   }
-  const std::string dir = sweep_dir_of(points.front().config);
-  std::printf("sweep %s: %zu points -> %s\n", path.c_str(), points.size(), dir.c_str());
-  std::vector<PointResult> results;
-  for (size_t i = 0; i < points.size(); ++i) {
-    std::printf("[%zu/%zu] ", i + 1, points.size());
-    results.push_back(run_point(points[i], sweep_dir_of(points[i].config)));
+  return points;
+}
+
+namespace {
+
+std::vector<bool> select_points(const std::vector<SweepPoint>& points, const std::string& only) {
+  std::vector<bool> sel;
+  size_t n = 0;
+  for (const SweepPoint& p : points) n += (sel.push_back(point_selected(p.name, only)), sel.back());
+  if (n == 0) {
+    std::string names;
+    for (const SweepPoint& p : points) names += "\n  " + p.name;
+    OMNIQ_FAIL("--only '%s' matches none of the %zu points:%s", only.c_str(), points.size(), names.c_str());
   }
+  return sel;
+}
+
+void write_tables(const std::string& dir, const std::vector<PointResult>& results, bool print_summary) {
   make_dirs(dir);
   write_file_atomic(dir + "/summary.csv", summary_csv(results));
   std::string md = summary_markdown(results);
   write_file_atomic(dir + "/summary.md", md);
-  std::printf("\n%s\nsummary: %s/summary.md, %s/summary.csv\n", md.c_str(), dir.c_str(), dir.c_str());
+  std::string table = paper_tables_markdown(results);
+  write_file_atomic(dir + "/table.md", table);
+  std::printf("\n%s\n", (print_summary ? md : table).c_str());
+  std::printf("summary: %s/summary.md, %s/summary.csv; paper layout: %s/table.md\n", dir.c_str(), dir.c_str(),
+              dir.c_str());
   std::fflush(stdout);
+}
+
+}  // namespace
+
+std::vector<PointResult> read_sweep_results(const std::string& path, const std::string& model_path,
+                                            const std::string& output_dir, const std::string& only) {
+  std::vector<SweepPoint> points = load_sweep_points(path, model_path, output_dir);
+  std::vector<bool> sel = select_points(points, only);
+  std::vector<PointResult> results;
+  for (size_t i = 0; i < points.size(); ++i) {
+    if (!sel[i]) continue;
+    results.push_back(read_point_result(points[i], sweep_dir_of(points[i].config)));
+  }
+  write_tables(sweep_dir_of(points.front().config), results, /*print_summary=*/false);
+  return results;
+}
+
+std::vector<PointResult> run_sweep(const std::string& path, const std::string& model_path,
+                                   const std::string& output_dir, const std::string& only) {
+  std::vector<SweepPoint> points = load_sweep_points(path, model_path, output_dir);
+  std::vector<bool> sel = select_points(points, only);
+  const size_t nsel = static_cast<size_t>(std::count(sel.begin(), sel.end(), true));
+  const std::string dir = sweep_dir_of(points.front().config);
+  for (size_t i = 0; i < points.size(); ++i)  // one clear error rather than one failed point each
+    if (sel[i] && points[i].config.model.path.find("${") != std::string::npos)
+      OMNIQ_FAIL("%s: point %s has model.path '%s': set that environment variable (e.g. OMNIQ_ZOO_DIR=/path/to/zoo)",
+                 path.c_str(), points[i].name.c_str(), points[i].config.model.path.c_str());
+  if (nsel == points.size())
+    std::printf("sweep %s: %zu points -> %s\n", path.c_str(), points.size(), dir.c_str());
+  else
+    std::printf("sweep %s: %zu of %zu points match --only '%s' -> %s\n", path.c_str(), nsel, points.size(),
+                only.c_str(), dir.c_str());
+  std::vector<PointResult> results;
+  size_t k = 0;
+  for (size_t i = 0; i < points.size(); ++i) {
+    if (!sel[i]) {  // not run; shown with whatever an earlier invocation left
+      results.push_back(read_point_result(points[i], sweep_dir_of(points[i].config)));
+      results.back().selected = false;
+      continue;
+    }
+    std::printf("[%zu/%zu] ", ++k, nsel);
+    results.push_back(run_point(points[i], sweep_dir_of(points[i].config)));
+  }
+  write_tables(dir, results, /*print_summary=*/true);
   return results;
 }
 

@@ -171,8 +171,13 @@ TEST(ExperimentConfig, ImpossibleValuesBlameTheirKey) {
   expect_error("model: {path: m}\nquantization:\n  group_size: 100\n", {"quantization.group_size at config.yaml:3", "group size 100"});
   expect_error("model: {path: m}\nquantization:\n  method: hqq\n", {"quantization.method at config.yaml:3", "hqq"});
   expect_error("model: {path: m}\nquantization:\n  let_alpha: 1.5\n", {"quantization.let_alpha at config.yaml:3"});
-  // Only wrong together: W16A16 quantizes nothing; the first differing key is blamed.
-  expect_error("model: {path: m}\nquantization:\n  epochs: 3\n  wbits: 16\n", {"quantization.wbits at config.yaml:4", "W16A16"});
+  // Only wrong together (GPTQ quantizes weights only): the section is blamed.
+  expect_error("model: {path: m}\nquantization:\n  epochs: 3\n  method: gptq\n  abits: 4\n",
+               {"quantization at config.yaml:2", "weights only"});
+  // W16A16 is the unquantized (FP16) baseline: allowed, and its other fields are still checked.
+  EXPECT_TRUE(is_unquantized(parse_experiment("model: {path: m}\nquantization: {wbits: 16, abits: 16}\n", "c.yaml").quantization));
+  expect_error("model: {path: m}\nquantization: {wbits: 16, abits: 16, group_size: 7}\n",
+               {"quantization.group_size at config.yaml:2", "group size 7"});
   expect_error("model: {path: m}\ndevice: gpu\n", {"device at config.yaml:2", "cuda:N"});
   expect_error("model: {path: m}\ndevice: cpu\neval: {dtype: bf16}\n", {"eval.dtype at config.yaml:3", "f32"});
   expect_error("model: {path: m}\ndata: {eval_datasets: [ptb]}\n", {"data.eval_datasets at config.yaml:2", "ptb", "wikitext2"});
