@@ -1,8 +1,9 @@
 // GPTQ: host-side Hessian factorisation, the CPU column loop, Hessian accumulation and the
 // sequential per-block driver. Algorithm and conventions: quant/gptq.h.
 //
-// The quantizer below repeats ops/cpu/fake_quant.cpp's arithmetic one fp32 operation at a time
-// with FMA contraction off, so that with a diagonal H the result is bit-identical to RTN.
+// The quantizer below is one fp32 operation at a time with FMA contraction off, so the CUDA twin
+// (explicitly rounded intrinsics) gives the same bits, and with range_contains_zero = false and a
+// diagonal H the result is bit-identical to ops/cpu/fake_quant.cpp's RTN.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #endif
@@ -146,72 +147,111 @@ namespace cpu {
 
 namespace {
 
-struct Levels {
-  float qlo, qhi;
+// The quantizer of quant/gptq.h: integer levels, the scale divisor, and the range rule.
+struct Rule {
+  float qlo, qhi;  // clamp bounds of round(x/scale) + zp
+  float div;       // scale = (range) / div
+  bool sym, contain_zero;
 };
 
-Levels levels_of(const WeightQuantSpec& spec) {
-  if (spec.symmetric) return {-static_cast<float>(1 << (spec.bits - 1)), static_cast<float>((1 << (spec.bits - 1)) - 1)};
-  return {0.0f, static_cast<float>((1 << spec.bits) - 1)};
+Rule rule_of(const WeightQuantSpec& spec, const GptqOptions& opt) {
+  Rule R;
+  R.sym = spec.symmetric;
+  R.contain_zero = opt.range_contains_zero;
+  if (spec.symmetric) {
+    R.qlo = -static_cast<float>(1 << (spec.bits - 1));
+    R.qhi = static_cast<float>((1 << (spec.bits - 1)) - 1);
+    // The original's symmetric scale is 2m/(2^N − 1) (zero point 2^(N−1) on levels 0..2^N−1 is the
+    // signed range used here); fake_quant's is m/(2^(N−1) − 1).
+    R.div = opt.range_contains_zero ? static_cast<float>((1 << spec.bits) - 1) : R.qhi;
+  } else {
+    R.qlo = 0.0f;
+    R.qhi = static_cast<float>((1 << spec.bits) - 1);
+    R.div = R.qhi;
+  }
+  return R;
 }
 
-// scale/zero of n contiguous values, as ops/cpu/fake_quant.cpp's group_state without LWC.
-void group_params(const float* x, int64_t n, const Levels& L, bool symmetric, float& scale, float& zp) {
+// scale/zero of n contiguous values with clip factors a (max) and b (min); quant/gptq.h's formulas.
+void group_params(const float* x, int64_t n, const Rule& R, float a, float b, float& scale, float& zp) {
   float xmax = x[0], xmin = x[0];
   for (int64_t i = 1; i < n; ++i) {
     xmax = std::max(xmax, x[i]);
     xmin = std::min(xmin, x[i]);
   }
+  if (R.contain_zero) {  // the original GPTQ Quantizer.find_params
+    xmax = std::max(xmax, 0.0f);
+    xmin = std::min(xmin, 0.0f);
+    float hi = a * xmax, lo = b * xmin;
+    if (R.sym) {
+      const float m = std::max(std::fabs(lo), std::fabs(hi));
+      lo = -m;
+      hi = m;
+    }
+    if (hi == 0.0f && lo == 0.0f) {
+      lo = -1.0f;
+      hi = 1.0f;
+    }
+    const float range = hi - lo;
+    scale = range / R.div;
+    zp = R.sym ? 0.0f : std::rint(-lo / scale);
+    return;
+  }
+  // ops/cpu/fake_quant.cpp's group_state, step by step
+  const float hi = a * xmax, lo = b * xmin;
   float raw;
-  if (symmetric) {
-    raw = std::max(std::fabs(xmax), std::fabs(xmin)) / L.qhi;
+  if (R.sym) {
+    raw = std::max(std::fabs(hi), std::fabs(lo)) / R.div;
   } else {
-    const float range = xmax - xmin;
-    raw = range / L.qhi;
+    const float range = hi - lo;
+    raw = range / R.div;
   }
   scale = std::min(std::max(raw, 1e-5f), 1e4f);
-  if (symmetric) {
+  if (R.sym) {
     zp = 0.0f;
   } else {
-    const float z = -xmin / scale;
+    const float z = -lo / scale;
     zp = std::rint(std::min(std::max(z, -1e4f), 1e4f));
   }
 }
 
-float quantize(float x, float scale, float zp, const Levels& L) {
+float quantize(float x, float scale, float zp, const Rule& R) {
   const float u = x / scale;
   const float t = std::rint(u);
   const float v = t + zp;
-  const float q = std::min(std::max(v, L.qlo), L.qhi);
+  const float q = std::min(std::max(v, R.qlo), R.qhi);
   return (q - zp) * scale;
 }
 
 // Parameters of sets k0..k1-1 (set k = columns [k·len, k·len+len)) of every row of W [out, in].
 void params_for_sets(const std::vector<float>& W, int64_t out, int64_t in, int64_t len, int64_t k0, int64_t k1,
-                     int64_t nsets, const Levels& L, bool sym, std::vector<float>& scale, std::vector<float>& zp) {
+                     int64_t nsets, const Rule& R, const GptqClip* clip, std::vector<float>& scale,
+                     std::vector<float>& zp) {
   for (int64_t r = 0; r < out; ++r)
-    for (int64_t k = k0; k < k1; ++k)
-      group_params(&W[static_cast<size_t>(r * in + k * len)], len, L, sym, scale[static_cast<size_t>(r * nsets + k)],
-                   zp[static_cast<size_t>(r * nsets + k)]);
+    for (int64_t k = k0; k < k1; ++k) {
+      const size_t s = static_cast<size_t>(r * nsets + k);
+      const float a = clip ? clip->hi[s] : 1.0f, b = clip ? clip->lo[s] : 1.0f;
+      group_params(&W[static_cast<size_t>(r * in + k * len)], len, R, a, b, scale[s], zp[s]);
+    }
 }
 
 }  // namespace
 
 Tensor gptq_quantize_prepared(const Tensor& w, const gptq_detail::PreparedHessian& ph, const WeightQuantSpec& spec,
-                              const GptqOptions& opt) {
+                              const GptqOptions& opt, const GptqClip* clip) {
   const int64_t out = w.size(0), in = w.size(1), bs = opt.block_size;
-  const Levels L = levels_of(spec);
+  const Rule L = rule_of(spec, opt);
   const gptq_detail::GroupPlan plan = gptq_detail::plan_groups(in, spec, opt, ph);
   const bool grouped = spec.group_size > 0;
   std::vector<float> scale(static_cast<size_t>(out * plan.nsets)), zp(scale.size());
 
   std::vector<float> W = w.to_f32_vector();
-  if (!grouped) params_for_sets(W, out, in, in, 0, 1, 1, L, spec.symmetric, scale, zp);  // step 1
+  if (!grouped) params_for_sets(W, out, in, in, 0, 1, 1, L, clip, scale, zp);              // step 1
   for (int64_t r = 0; r < out; ++r)                                                        // step 2
     for (int64_t i = 0; i < in; ++i)
       if (ph.dead[static_cast<size_t>(i)]) W[static_cast<size_t>(r * in + i)] = 0.0f;
   if (grouped && opt.static_groups)                                                        // step 3
-    params_for_sets(W, out, in, plan.len, 0, plan.nsets, plan.nsets, L, spec.symmetric, scale, zp);
+    params_for_sets(W, out, in, plan.len, 0, plan.nsets, plan.nsets, L, clip, scale, zp);
   std::vector<float> Wp(W.size());                                                         // step 4
   for (int64_t r = 0; r < out; ++r)
     for (int64_t j = 0; j < in; ++j)
@@ -223,7 +263,7 @@ Tensor gptq_quantize_prepared(const Tensor& w, const gptq_detail::PreparedHessia
     const int64_t i2 = std::min(i1 + bs, in), count = i2 - i1;
     if (grouped && !opt.static_groups) {
       const int64_t k0 = (i1 + plan.len - 1) / plan.len, k1 = (i2 + plan.len - 1) / plan.len;
-      params_for_sets(Wp, out, in, plan.len, k0, k1, plan.nsets, L, spec.symmetric, scale, zp);
+      params_for_sets(Wp, out, in, plan.len, k0, k1, plan.nsets, L, clip, scale, zp);
     }
     for (int64_t r = 0; r < out; ++r) {
       float* wr = &Wp[static_cast<size_t>(r * in)];
@@ -263,26 +303,64 @@ void check_linear_args(const Tensor& w, const WeightQuantSpec& spec, const GptqO
   OMNIQ_CHECK(opt.block_size > 0, "gptq: block_size must be > 0, got %lld", static_cast<long long>(opt.block_size));
 }
 
+void check_clip(const GptqClip& c, const Tensor& w, const WeightQuantSpec& spec, const GptqOptions& opt) {
+  const int64_t groups = spec.num_groups(w.size(0), w.size(1));
+  OMNIQ_CHECK(static_cast<int64_t>(c.hi.size()) == groups && static_cast<int64_t>(c.lo.size()) == groups,
+              "gptq: clip factors have %zu (max) and %zu (min) entries but the weight %s has %lld quantization "
+              "groups (group size %d)",
+              c.hi.size(), c.lo.size(), w.str().c_str(), static_cast<long long>(groups), spec.group_size);
+  OMNIQ_CHECK(!(opt.act_order && spec.group_size > 0 && !opt.static_groups),
+              "gptq: clip factors belong to groups of original columns; with act_order and group size %d they "
+              "need static_groups",
+              spec.group_size);
+  for (size_t k = 0; k < c.hi.size(); ++k)
+    OMNIQ_CHECK(std::isfinite(c.hi[k]) && std::isfinite(c.lo[k]) && c.hi[k] > 0 && c.lo[k] > 0,
+                "gptq: clip factors must be finite and > 0 (σ of LWC's γ/β), group %zu has %g / %g", k,
+                static_cast<double>(c.hi[k]), static_cast<double>(c.lo[k]));
+}
+
 Tensor quantize_prepared(const Tensor& w, const gptq_detail::PreparedHessian& ph, const WeightQuantSpec& spec,
-                         const GptqOptions& opt) {
+                         const GptqOptions& opt, const GptqClip* clip) {
   OMNIQ_CHECK(ph.n == w.size(1), "gptq: H is %lld×%lld but the weight %s has %lld input features",
               static_cast<long long>(ph.n), static_cast<long long>(ph.n), w.str().c_str(),
               static_cast<long long>(w.size(1)));
+  if (clip && clip->empty()) clip = nullptr;
+  if (clip) check_clip(*clip, w, spec, opt);
   if (w.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
-    return cuda::gptq_quantize_prepared(w, ph, spec, opt);
+    return cuda::gptq_quantize_prepared(w, ph, spec, opt, clip);
 #else
     OMNIQ_FAIL("gptq: %s is on CUDA but this build has no CUDA support", w.str().c_str());
 #endif
   }
-  return cpu::gptq_quantize_prepared(w, ph, spec, opt);
+  return cpu::gptq_quantize_prepared(w, ph, spec, opt, clip);
 }
 }  // namespace
 
-Tensor gptq_quantize_linear(const Tensor& w, const Tensor& H, const WeightQuantSpec& spec, const GptqOptions& opt) {
+GptqClip gptq_clip_from_factors(const Tensor& hi, const Tensor& lo) {
+  OMNIQ_CHECK(hi.dtype() == DType::f32 && lo.dtype() == DType::f32 && hi.numel() == lo.numel(),
+              "gptq_clip_from_factors: expected two f32 tensors of equal size, got %s and %s", hi.str().c_str(),
+              lo.str().c_str());
+  GptqClip c;
+  c.hi = hi.to_f32_vector();
+  c.lo = lo.to_f32_vector();
+  return c;
+}
+
+GptqClip gptq_clip_from_lwc(const Tensor& gamma, const Tensor& beta) {
+  GptqClip c = gptq_clip_from_factors(gamma, beta);
+  // σ in fp64 rounded once to fp32, as ops/cpu/fake_quant.cpp (so the clipped range is LWC's bit for bit)
+  auto sigmoid = [](float g) { return static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(g)))); };
+  for (float& v : c.hi) v = sigmoid(v);
+  for (float& v : c.lo) v = sigmoid(v);
+  return c;
+}
+
+Tensor gptq_quantize_linear(const Tensor& w, const Tensor& H, const WeightQuantSpec& spec, const GptqOptions& opt,
+                            const GptqClip* clip) {
   check_linear_args(w, spec, opt);
   check_same_device(w, H, "gptq_quantize_linear");
-  return quantize_prepared(w, gptq_detail::prepare_hessian(H, opt), spec, opt);
+  return quantize_prepared(w, gptq_detail::prepare_hessian(H, opt), spec, opt, clip);
 }
 
 void gptq_accumulate_hessian(Tensor& H, int64_t& count, const Tensor& x) {
@@ -333,6 +411,9 @@ void gptq_quantize_block(const ModelConfig& cfg, BlockWeights& weights, const Te
   OMNIQ_CHECK(inps.ndim() == 3 && inps.size(2) == cfg.hidden_size, "gptq_quantize_block: inps must be [N, T, %lld], got %s",
               static_cast<long long>(cfg.hidden_size), inps.str().c_str());
   std::vector<std::string> sites = block_linear_sites(cfg);
+  for (const auto& [site, c] : opt.clip)
+    OMNIQ_CHECK(std::find(sites.begin(), sites.end(), site) != sites.end(),
+                "gptq_quantize_block: clip factors given for '%s', which is no Linear site of this block", site.c_str());
   auto is_linear_param = [&](const std::string& key) {
     for (const std::string& s : sites)
       if (key == s + ".weight" || key == s + ".bias") return true;
@@ -356,7 +437,8 @@ void gptq_quantize_block(const ModelConfig& cfg, BlockWeights& weights, const Te
     gptq_detail::PreparedHessian ph = gptq_detail::prepare_hessian(cap.H, opt);
     for (const std::string& s : group) {
       Tensor& w = weights.get(s + ".weight");
-      Tensor q = quantize_prepared(w, ph, spec, opt);
+      auto c = opt.clip.find(s);
+      Tensor q = quantize_prepared(w, ph, spec, opt, c == opt.clip.end() ? nullptr : &c->second);
       w.copy_from(q);
     }
   }

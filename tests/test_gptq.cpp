@@ -1,7 +1,9 @@
-// GPTQ (quant/gptq.h): beats RTN on the layer-wise objective ‖WX − ŴX‖² for every Linear of real
-// nano blocks (per layer on fp inputs, and through the sequential block driver), equals RTN exactly
-// when H is diagonal, matches a hand derivation on a 2×4 case, handles dead inputs, and the CUDA
-// path agrees with the CPU.
+// GPTQ (quant/gptq.h): beats RTN (same quantizer) on the layer-wise objective ‖WX − ŴX‖² for every
+// Linear of real nano blocks (per layer on fp inputs, and through the sequential block driver),
+// equals RTN exactly when H is diagonal (both range rules: the original GPTQ quantizer checked
+// against an independent implementation, fake_quant's bit for bit), matches a hand derivation on a
+// 2×4 case, handles dead inputs, supports LWC clip factors (OmniQuant-then-GPTQ), and the CUDA path
+// agrees with the CPU.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -15,6 +17,7 @@
 #include "ops/fake_quant.h"
 #include "ops/matmul.h"
 #include "quant/gptq.h"
+#include "runtime/error.h"
 #include "tests/support/test_support.h"
 
 using namespace omniq;
@@ -82,6 +85,52 @@ Tensor hessian_of(const Tensor& X) {
 
 Tensor rtn(const Tensor& w, const WeightQuantSpec& s) { return fake_quant_weight_forward(w, s, nullptr, nullptr); }
 
+Tensor eye(int64_t n, Device dev = Device::cpu()) {
+  std::vector<float> e(static_cast<size_t>(n * n), 0.f);
+  for (int64_t i = 0; i < n; ++i) e[static_cast<size_t>(i * n + i)] = 1.f;
+  return Tensor::from_f32(e, {n, n}, DType::f32, dev);
+}
+
+// RTN with GPTQ's quantizer (opt's range rule, optional clip): GPTQ with H = I has no error feedback.
+// Checked against independent implementations in DiagonalHessianEqualsRtnExactly.
+Tensor rtn_gptq(const Tensor& w, const WeightQuantSpec& s, const GptqOptions& opt, const GptqClip* clip = nullptr) {
+  return gptq_quantize_linear(w, eye(w.size(1), w.device()), s, opt, clip);
+}
+
+// The original GPTQ quantizer (quant.py Quantizer.find_params + quantize, mse off), written
+// independently of quant/gptq.cpp, applied per group of g columns (g = 0: per row).
+std::vector<float> rtn_original(const std::vector<float>& w, int64_t out, int64_t in, int bits, int g, bool sym) {
+  const int64_t len = g > 0 ? g : in;
+  const float maxq = static_cast<float>((1 << bits) - 1);
+  std::vector<float> y(w.size());
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t c0 = 0; c0 < in; c0 += len) {
+      const float* x = &w[static_cast<size_t>(r * in + c0)];
+      float xmin = std::min(0.f, *std::min_element(x, x + len)), xmax = std::max(0.f, *std::max_element(x, x + len));
+      if (sym) {
+        xmax = std::max(std::fabs(xmin), xmax);
+        xmin = -xmax;  // (the original only mirrors a negative xmin: quant/gptq.h (*))
+      }
+      if (xmin == 0.f && xmax == 0.f) {
+        xmin = -1.f;
+        xmax = 1.f;
+      }
+      const float scale = (xmax - xmin) / maxq;
+      const float zero = sym ? (maxq + 1) / 2 : std::rint(-xmin / scale);
+      for (int64_t i = 0; i < len; ++i) {
+        const float q = std::min(std::max(std::rint(x[i] / scale) + zero, 0.f), maxq);
+        y[static_cast<size_t>(r * in + c0 + i)] = scale * (q - zero);
+      }
+    }
+  return y;
+}
+
+// Clip factors in [lo, 1] for every quantization group of w (and the LWC γ/β that give them).
+GptqClip random_clip(const Tensor& w, const WeightQuantSpec& spec, float lo, uint64_t seed) {
+  const int64_t n = spec.num_groups(w.size(0), w.size(1));
+  return gptq_clip_from_factors(Tensor::uniform({n}, lo, 1.f, seed), Tensor::uniform({n}, lo, 1.f, seed + 1));
+}
+
 WeightQuantSpec spec_of(int bits, int group, bool sym = false) {
   WeightQuantSpec s;
   s.bits = bits;
@@ -100,7 +149,7 @@ void check_per_layer(const char* arch, const WeightQuantSpec& spec, const GptqOp
     Tensor X = cap.x(s);
     const Tensor& W = w.get(s + ".weight");
     double eg = layer_error(X, W, gptq_quantize_linear(W, hessian_of(X), spec, opt));
-    double er = layer_error(X, W, rtn(W, spec));
+    double er = layer_error(X, W, rtn_gptq(W, spec, opt));
     std::printf("%s W%dg%d act_order=%d static=%d %-9s gptq/rtn = %.3f\n", arch, spec.bits, spec.group_size,
                 opt.act_order, opt.static_groups, s.c_str(), eg / er);
     EXPECT_LT(eg, er) << arch << " " << s;
@@ -121,7 +170,7 @@ void check_block(const char* arch, const WeightQuantSpec& spec) {
     Tensor X = cap.x(s);
     const Tensor& W = w.get(s + ".weight");
     double eg = layer_error(X, W, q.get(s + ".weight"));
-    double er = layer_error(X, W, rtn(W, spec));
+    double er = layer_error(X, W, rtn_gptq(W, spec, GptqOptions{}));
     std::printf("%s block W%dg%d %-9s gptq/rtn = %.3f\n", arch, spec.bits, spec.group_size, s.c_str(), eg / er);
     EXPECT_LT(eg, er) << arch << " " << s;
   }
@@ -163,7 +212,7 @@ TEST(Gptq, EightBitIsCloseToRtnAndW) {
   Tensor w = Tensor::uniform({32, 64}, -1, 1, 3);
   Tensor X = Tensor::uniform({256, 64}, -1, 1, 4);
   Tensor g = gptq_quantize_linear(w, hessian_of(X), spec_of(8, 0), GptqOptions{});
-  Tensor r = rtn(w, spec_of(8, 0));
+  Tensor r = rtn_gptq(w, spec_of(8, 0), GptqOptions{});
   // One 8-bit step is 2/255 ≈ 0.008; error feedback moves a value by at most a few steps.
   EXPECT_TRUE(test::all_close(g, w, 0.02f, 0.f));
   EXPECT_TRUE(test::all_close(g, r, 0.03f, 0.f));
@@ -171,26 +220,46 @@ TEST(Gptq, EightBitIsCloseToRtnAndW) {
 }
 
 // With a diagonal H every off-diagonal of U is 0: no error feedback, so GPTQ is RTN bit for bit
-// (also with act_order when the groups are static, and for any block size).
+// (also with act_order when the groups are static, and for any block size): with
+// range_contains_zero = false it is fake_quant's RTN, by default the original GPTQ quantizer's.
+// w in [-2, 1] with groups of 8: some groups are all negative, where the two rules differ.
 TEST(Gptq, DiagonalHessianEqualsRtnExactly) {
   Tensor w = Tensor::uniform({8, 32}, -2, 1, 11);
-  std::vector<float> eye(32 * 32, 0.f), diag(32 * 32, 0.f);
+  std::vector<float> diag(32 * 32, 0.f);
   std::vector<float> d = Tensor::uniform({32}, 0.1f, 5.f, 12).to_f32_vector();
-  for (int i = 0; i < 32; ++i) {
-    eye[i * 33] = 1.f;
-    diag[i * 33] = d[static_cast<size_t>(i)];
-  }
-  for (auto spec : {spec_of(4, 0), spec_of(3, 8), spec_of(4, 16, true), spec_of(2, 32)}) {
-    for (const auto& H : {eye, diag}) {
-      GptqOptions o;
-      o.block_size = 5;
-      Tensor Ht = Tensor::from_f32(H, {32, 32});
-      EXPECT_TRUE(test::all_close(gptq_quantize_linear(w, Ht, spec, o), rtn(w, spec), 0.f, 0.f));
-      o.act_order = true;
-      o.static_groups = true;
-      EXPECT_TRUE(test::all_close(gptq_quantize_linear(w, Ht, spec, o), rtn(w, spec), 0.f, 0.f));
+  for (int i = 0; i < 32; ++i) diag[i * 33] = d[static_cast<size_t>(i)];
+  for (auto spec : {spec_of(4, 0), spec_of(3, 8), spec_of(4, 16, true), spec_of(2, 32), spec_of(3, 8, true)}) {
+    for (const Tensor& Ht : {eye(32), Tensor::from_f32(diag, {32, 32})}) {
+      for (bool act : {false, true}) {
+        GptqOptions o;
+        o.block_size = 5;
+        o.act_order = o.static_groups = act;
+        std::vector<float> orig = rtn_original(w.to_f32_vector(), 8, 32, spec.bits, spec.group_size, spec.symmetric);
+        EXPECT_TRUE(test::all_close(gptq_quantize_linear(w, Ht, spec, o).to_f32_vector(), orig, 0.f, 0.f));
+        o.range_contains_zero = false;
+        EXPECT_TRUE(test::all_close(gptq_quantize_linear(w, Ht, spec, o), rtn(w, spec), 0.f, 0.f));
+      }
     }
   }
+  // The rules really differ here (the test can fail): an all-negative group of 8 exists.
+  EXPECT_GT(test::max_abs_diff(rtn(w, spec_of(3, 8)).to_f32_vector(),
+                               rtn_original(w.to_f32_vector(), 8, 32, 3, 8, false)),
+            1e-3f);
+}
+
+// The original quantizer's corners: a positive-only row keeps 0 representable (zp = 0), an all-zero
+// row quantizes to 0 (range [-1, 1]), symmetric uses scale 2·max|x|/(2^N − 1) on levels -2^(N-1)..2^(N-1)-1.
+TEST(Gptq, OriginalQuantizerCorners) {
+  const std::vector<float> W = {0.5f, 1.0f, 0.75f, 0.9f, 0.f, 0.f, 0.f, 0.f, -0.6f, 0.3f, 0.1f, -0.2f};
+  const Tensor w = Tensor::from_f32(W, {3, 4});
+  std::vector<float> a = rtn_gptq(w, spec_of(3, 0), GptqOptions{}).to_f32_vector();
+  const float s1 = 1.f / 7.f;  // row 0: range [0, 1], zp 0
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(a[i], std::rint(W[i] / s1) * s1) << i;
+  for (int i = 4; i < 8; ++i) EXPECT_EQ(a[i], 0.f);
+  std::vector<float> b = rtn_gptq(w, spec_of(3, 0, true), GptqOptions{}).to_f32_vector();
+  const float s = (0.6f + 0.6f) / 7.f;  // row 2: m = 0.6
+  for (int i = 8; i < 12; ++i)
+    EXPECT_EQ(b[i], std::min(std::max(std::rint(W[i] / s), -4.f), 3.f) * s) << i;
 }
 
 // 2×4 weight, H block-diagonal with 2×2 blocks [[a, b], [b, c]], no dampening, per-channel W3.
@@ -264,7 +333,7 @@ TEST(Gptq, DeadColumnsAreZeroed) {
       EXPECT_EQ(gv[static_cast<size_t>(r * 32 + 10)], 0.f);
       for (int64_t i = 0; i < 32; ++i) EXPECT_TRUE(std::isfinite(gv[static_cast<size_t>(r * 32 + i)]));
     }
-    EXPECT_LT(layer_error(X, w, g), layer_error(X, w, rtn(w, spec_of(3, 0))));
+    EXPECT_LT(layer_error(X, w, g), layer_error(X, w, rtn_gptq(w, spec_of(3, 0), o)));
   }
 }
 
@@ -283,6 +352,119 @@ TEST(Gptq, HessianAccumulationIsTheMeanOverTokens) {
       ref[static_cast<size_t>(i * 8 + j)] = static_cast<float>(2.0 * s / 10.0);
     }
   EXPECT_TRUE(test::all_close(H.to_f32_vector(), ref, 1e-6f, 1e-5f));
+}
+
+// ---------------------------------------------------------------------------------------------
+// OmniQuant-then-GPTQ: LWC clip factors
+
+// Clip factors per site of a block (every Linear), all `one` or random in [lo, 1].
+std::map<std::string, GptqClip> block_clip(const ModelConfig& cfg, const BlockWeights& w, const WeightQuantSpec& spec,
+                                           float lo, bool one) {
+  std::map<std::string, GptqClip> m;
+  uint64_t seed = 80;
+  for (const std::string& s : block_linear_sites(cfg)) {
+    const Tensor& W = w.get(s + ".weight");
+    GptqClip c = random_clip(W, spec, lo, seed += 2);
+    if (one) std::fill(c.hi.begin(), c.hi.end(), 1.f), std::fill(c.lo.begin(), c.lo.end(), 1.f);
+    m[s] = c;
+  }
+  return m;
+}
+
+// With H = I and fake_quant's range rule, the clipped GPTQ quantizer is LWC's fake-quant bit for bit.
+TEST(GptqClip, IdentityHessianEqualsLwcFakeQuant) {
+  Tensor w = Tensor::uniform({16, 64}, -1, 1, 91);
+  for (const WeightQuantSpec& spec : {spec_of(3, 0), spec_of(4, 16), spec_of(3, 32, true)}) {
+    const int64_t n = spec.num_groups(16, 64);
+    Tensor gamma = Tensor::uniform({n}, -1.f, 4.f, 92), beta = Tensor::uniform({n}, -1.f, 4.f, 93);
+    GptqClip clip = gptq_clip_from_lwc(gamma, beta);
+    GptqOptions o;
+    o.range_contains_zero = false;
+    Tensor lwc = fake_quant_weight_forward(w, spec, &gamma, &beta);
+    EXPECT_TRUE(test::all_close(rtn_gptq(w, spec, o, &clip), lwc, 0.f, 0.f));
+    EXPECT_GT(test::max_abs_diff(lwc.to_f32_vector(), rtn(w, spec).to_f32_vector()), 1e-3f);  // clipping acts
+  }
+}
+
+TEST(GptqClip, FactorsOfOneAreBitwiseUnclipped) {
+  for (const char* arch : {"llama", "opt"}) {
+    ModelCheckpoint ck(nano(arch));
+    const ModelConfig& cfg = ck.config();
+    Tensor inps = block_inputs(ck, 2, 128);
+    for (const WeightQuantSpec& spec : {spec_of(3, 0), spec_of(4, 64)}) {
+      BlockWeights a = ck.load_block(1, DType::f32, Device::cpu());
+      BlockWeights b = ck.load_block(1, DType::f32, Device::cpu());
+      GptqOptions o;
+      gptq_quantize_block(cfg, a, inps, spec, o);
+      o.clip = block_clip(cfg, b, spec, 1.f, true);
+      gptq_quantize_block(cfg, b, inps, spec, o);
+      for (const std::string& s : block_linear_sites(cfg))
+        EXPECT_TRUE(test::all_close(a.get(s + ".weight"), b.get(s + ".weight"), 0.f, 0.f)) << arch << " " << s;
+    }
+  }
+  // Linear level, both range rules, act_order with static groups.
+  Tensor w = Tensor::uniform({16, 64}, -1, 1, 94);
+  Tensor H = hessian_of(Tensor::uniform({256, 64}, -1, 1, 95));
+  for (bool contain : {true, false}) {
+    GptqOptions o;
+    o.range_contains_zero = contain;
+    o.act_order = o.static_groups = true;
+    GptqClip one = random_clip(w, spec_of(3, 16), 1.f, 96);
+    EXPECT_TRUE(test::all_close(gptq_quantize_linear(w, H, spec_of(3, 16), o, &one),
+                                gptq_quantize_linear(w, H, spec_of(3, 16), o), 0.f, 0.f));
+  }
+}
+
+// Sequential block with clip factors < 1 on every Linear: on the inputs each Linear sees in the
+// quantized block, GPTQ beats RTN with the same clipping and quantizer.
+TEST(GptqClip, ClippedBlockBeatsClippedRtn) {
+  for (const char* arch : {"llama", "opt"}) {
+    ModelCheckpoint ck(nano(arch));
+    const ModelConfig& cfg = ck.config();
+    Tensor inps = block_inputs(ck, 4, 128);
+    BlockWeights w = ck.load_block(1, DType::f32, Device::cpu());
+    for (const WeightQuantSpec& spec : {spec_of(3, 0), spec_of(4, 128)}) {
+      for (bool contain : {true, false}) {
+        BlockWeights q = ck.load_block(1, DType::f32, Device::cpu());
+        BlockWeights u = ck.load_block(1, DType::f32, Device::cpu());
+        GptqOptions o;
+        o.range_contains_zero = contain;
+        gptq_quantize_block(cfg, u, inps, spec, o);
+        o.clip = block_clip(cfg, w, spec, 0.8f, false);
+        gptq_quantize_block(cfg, q, inps, spec, o);
+        InputCapture cap = capture_inputs(cfg, q, inps);
+        for (const std::string& s : block_linear_sites(cfg)) {
+          Tensor X = cap.x(s);
+          const Tensor& W = w.get(s + ".weight");
+          double eg = layer_error(X, W, q.get(s + ".weight"));
+          double er = layer_error(X, W, rtn_gptq(W, spec, o, &o.clip.at(s)));
+          std::printf("%s clipped W%dg%d contain0=%d %-9s gptq/rtn = %.3f\n", arch, spec.bits, spec.group_size,
+                      contain, s.c_str(), eg / er);
+          EXPECT_LT(eg, er) << arch << " " << s;
+          EXPECT_GT(test::max_abs_diff(q.get(s + ".weight").to_f32_vector(), u.get(s + ".weight").to_f32_vector()),
+                    1e-4f);  // the clipping changed the result
+        }
+      }
+    }
+  }
+}
+
+TEST(GptqClip, BadFactorsAreErrors) {
+  Tensor w = Tensor::uniform({8, 32}, -1, 1, 97);
+  Tensor H = eye(32);
+  GptqClip small = random_clip(w, spec_of(3, 16), 0.8f, 98);
+  EXPECT_THROW(gptq_quantize_linear(w, H, spec_of(3, 8), GptqOptions{}, &small), omniq::Error);  // 16 groups, not 32
+  GptqOptions dyn;
+  dyn.act_order = true;  // dynamic groups of permuted columns have no LWC factors
+  EXPECT_THROW(gptq_quantize_linear(w, H, spec_of(3, 16), dyn, &small), omniq::Error);
+  GptqClip neg = small;
+  neg.lo[3] = -0.5f;
+  EXPECT_THROW(gptq_quantize_linear(w, H, spec_of(3, 16), GptqOptions{}, &neg), omniq::Error);
+  ModelCheckpoint ck(nano("llama"));
+  BlockWeights b = ck.load_block(1, DType::f32, Device::cpu());
+  GptqOptions o;
+  o.clip["qkv_proj"] = small;  // no such site
+  EXPECT_THROW(gptq_quantize_block(ck.config(), b, block_inputs(ck, 1, 16), spec_of(3, 16), o), omniq::Error);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -315,6 +497,7 @@ TEST(GptqCuda, LinearMatchesCpu) {
   struct Case {
     WeightQuantSpec spec;
     bool act, stat;
+    bool clip = false, contain = true;  // LWC clip factors; the range rule
   };
   for (const char* site : {"q_proj", "down_proj"}) {  // 256 and 768 inputs (several blocks)
     Tensor X = cap.x(site);
@@ -322,31 +505,51 @@ TEST(GptqCuda, LinearMatchesCpu) {
     const Tensor& W = w.get(std::string(site) + ".weight");
     for (const Case& c : {Case{spec_of(3, 0), false, false}, Case{spec_of(4, 128), false, false},
                           Case{spec_of(4, 64), true, false}, Case{spec_of(3, 128), true, true},
-                          Case{spec_of(4, 0, true), false, false}}) {
+                          Case{spec_of(4, 0, true), false, false}, Case{spec_of(3, 0), false, false, true, true},
+                          Case{spec_of(4, 128), false, false, true, false}, Case{spec_of(3, 128), true, true, true, true},
+                          Case{spec_of(4, 64), false, false, false, false}}) {
       GptqOptions o;
       o.act_order = c.act;
       o.static_groups = c.stat;
-      Tensor gc = gptq_quantize_linear(W, H, c.spec, o);
-      Tensor gg = gptq_quantize_linear(W.to(Device::cuda(0)), H.to(Device::cuda(0)), c.spec, o);
+      o.range_contains_zero = c.contain;
+      GptqClip clip = random_clip(W, c.spec, 0.7f, 71);
+      const GptqClip* cp = c.clip ? &clip : nullptr;
+      Tensor gc = gptq_quantize_linear(W, H, c.spec, o, cp);
+      Tensor gg = gptq_quantize_linear(W.to(Device::cuda(0)), H.to(Device::cuda(0)), c.spec, o, cp);
       EXPECT_TRUE(gg.device().is_cuda());
       std::vector<float> a = gc.to_f32_vector(), b = gg.to_f32_vector();
       int64_t same = 0;
       for (size_t i = 0; i < a.size(); ++i) same += std::fabs(a[i] - b[i]) <= 1e-5f * (1 + std::fabs(a[i]));
       double ec = layer_error(X, W, gc), eg = layer_error(X, W, gg);
-      std::printf("%s W%dg%d act=%d static=%d: same %.4f, err cuda/cpu %.5f\n", site, c.spec.bits,
-                  c.spec.group_size, c.act, c.stat, double(same) / a.size(), eg / ec);
+      std::printf("%s W%dg%d act=%d static=%d clip=%d contain0=%d: same %.4f, err cuda/cpu %.5f\n", site,
+                  c.spec.bits, c.spec.group_size, c.act, c.stat, c.clip, c.contain, double(same) / a.size(), eg / ec);
       // Only the GEMM's summation order differs: most grid decisions agree, the objective within 1%.
       EXPECT_GE(same, static_cast<int64_t>(a.size()) * 9 / 10);
       EXPECT_NEAR(eg / ec, 1.0, 0.01);
     }
   }
-  // Diagonal H: no GEMM contribution, so the CUDA result is RTN bit for bit.
-  const Tensor& W = w.get("q_proj.weight");
+  // Diagonal H: no GEMM contribution, so the CUDA result is RTN bit for bit (both range rules,
+  // symmetric too, with and without clip factors); the weight gets an all-positive and an all-zero row.
+  std::vector<float> wv = w.get("q_proj.weight").to_f32_vector();
+  for (int64_t i = 0; i < 256; ++i) {
+    wv[static_cast<size_t>(i)] = std::fabs(wv[static_cast<size_t>(i)]);
+    wv[static_cast<size_t>(256 + i)] = 0.f;
+  }
+  const Tensor W = Tensor::from_f32(wv, {256, 256});
   std::vector<float> diag(256 * 256, 0.f);
   for (int i = 0; i < 256; ++i) diag[static_cast<size_t>(i * 257)] = 1.0f + 0.01f * i;
   Tensor Hd = Tensor::from_f32(diag, {256, 256}, DType::f32, Device::cuda(0));
-  Tensor g = gptq_quantize_linear(W.to(Device::cuda(0)), Hd, spec_of(3, 64), GptqOptions{});
-  EXPECT_TRUE(test::all_close(g.to_f32_vector(), rtn(W, spec_of(3, 64)).to_f32_vector(), 0.f, 0.f));
+  for (bool contain : {true, false})
+    for (const WeightQuantSpec& spec : {spec_of(3, 64), spec_of(4, 0, true), spec_of(3, 0)}) {
+      GptqOptions o;
+      o.range_contains_zero = contain;
+      GptqClip clip = random_clip(W, spec, 0.6f, 61);
+      Tensor g = gptq_quantize_linear(W.to(Device::cuda(0)), Hd, spec, o);
+      EXPECT_TRUE(test::all_close(g.to_f32_vector(), rtn_gptq(W, spec, o).to_f32_vector(), 0.f, 0.f));
+      if (!contain) EXPECT_TRUE(test::all_close(g.to_f32_vector(), rtn(W, spec).to_f32_vector(), 0.f, 0.f));
+      Tensor gc = gptq_quantize_linear(W.to(Device::cuda(0)), Hd, spec, o, &clip);
+      EXPECT_TRUE(test::all_close(gc.to_f32_vector(), rtn_gptq(W, spec, o, &clip).to_f32_vector(), 0.f, 0.f));
+    }
 }
 
 TEST(GptqCuda, BlockMatchesCpu) {
@@ -370,7 +573,7 @@ TEST(GptqCuda, BlockMatchesCpu) {
       // through the earlier (CUDA vs CPU) quantized weights, whose rounding decisions differ on a few
       // elements, so the last group (fc2/down_proj) drifts most: measured up to 1.5% on the H100.
       EXPECT_NEAR(eg / ec, 1.0, 0.03) << arch << " " << s;
-      EXPECT_LT(eg, layer_error(X, W, rtn(W, spec_of(4, 128))));
+      EXPECT_LT(eg, layer_error(X, W, rtn_gptq(W, spec_of(4, 128), GptqOptions{})));
     }
     // bf16 inputs (the compute dtype of a real run): the driver casts the Linears for the forward.
     BlockWeights qb = ck.load_block(1, DType::f32, Device::cuda(0));
@@ -378,10 +581,41 @@ TEST(GptqCuda, BlockMatchesCpu) {
     for (const std::string& s : block_linear_sites(cfg)) {
       const Tensor& W = w.get(s + ".weight");
       double eb = layer_error(cap.x(s), W, qb.get(s + ".weight").to(Device::cpu()));
-      // bf16 inputs change H and the sequential inputs more than the backend does: measured up to
-      // 5.7% above the f32 CPU error (down_proj); it must stay clearly better than RTN.
-      EXPECT_LT(eb, 1.10 * layer_error(cap.x(s), W, qc.get(s + ".weight"))) << arch << " " << s;
-      EXPECT_LT(eb, layer_error(cap.x(s), W, rtn(W, spec_of(4, 128)))) << arch << " " << s;
+      // bf16 inputs change H and the sequential inputs more than the backend does: measured on the
+      // H100 eb = 4.797 vs 4.322 for the f32 CPU (+11%, llama down_proj, the last sequential group);
+      // bound 15%. It must stay better than RTN.
+      EXPECT_LT(eb, 1.15 * layer_error(cap.x(s), W, qc.get(s + ".weight"))) << arch << " " << s;
+      EXPECT_LT(eb, layer_error(cap.x(s), W, rtn_gptq(W, spec_of(4, 128), GptqOptions{}))) << arch << " " << s;
+    }
+  }
+}
+
+// OmniQuant-then-GPTQ on the GPU: the clipped sequential block agrees with the CPU (f32).
+TEST(GptqCuda, ClippedBlockMatchesCpu) {
+  OMNIQ_REQUIRE_CUDA();
+  for (const char* arch : {"llama", "opt"}) {
+    ModelCheckpoint ck(nano(arch));
+    const ModelConfig& cfg = ck.config();
+    Tensor inps = block_inputs(ck, 4, 128);
+    BlockWeights w = ck.load_block(1, DType::f32, Device::cpu());
+    for (bool contain : {true, false}) {
+      BlockWeights qc = ck.load_block(1, DType::f32, Device::cpu());
+      BlockWeights qg = ck.load_block(1, DType::f32, Device::cuda(0));
+      GptqOptions o;
+      o.range_contains_zero = contain;
+      o.clip = block_clip(cfg, w, spec_of(3, 0), 0.8f, false);
+      gptq_quantize_block(cfg, qc, inps, spec_of(3, 0), o);
+      gptq_quantize_block(cfg, qg, inps.to(Device::cuda(0)), spec_of(3, 0), o);
+      InputCapture cap = capture_inputs(cfg, qc, inps);
+      for (const std::string& s : block_linear_sites(cfg)) {
+        Tensor X = cap.x(s);
+        const Tensor& W = w.get(s + ".weight");
+        double ec = layer_error(X, W, qc.get(s + ".weight"));
+        double eg = layer_error(X, W, qg.get(s + ".weight").to(Device::cpu()));
+        std::printf("%s clipped contain0=%d %-9s block err cuda/cpu %.5f\n", arch, contain, s.c_str(), eg / ec);
+        EXPECT_NEAR(eg / ec, 1.0, 0.03) << arch << " " << s;  // as BlockMatchesCpu
+        EXPECT_LT(eg, layer_error(X, W, rtn_gptq(W, spec_of(3, 0), o, &o.clip.at(s)))) << arch << " " << s;
+      }
     }
   }
 }

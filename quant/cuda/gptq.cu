@@ -10,8 +10,8 @@
 // out·bs²/2 multiply-subtracts, next to which the inter-block update W[:, i2:] −= Err·U[i1:i2, i2:]
 // (cuBLASLt, fp32 compute) dominates: out·in²/… flops in total, like the reference.
 //
-// The quantizer uses the explicitly rounded intrinsics (as ops/cuda/fake_quant.cu) so it matches
-// the CPU bit for bit on the same inputs; the in-block update uses __fmul_rn/__fsub_rn like the
+// The quantizer (both range rules of quant/gptq.h, with optional LWC clip factors) uses the
+// explicitly rounded intrinsics (as ops/cuda/fake_quant.cu) so it matches the CPU bit for bit; the in-block update uses __fmul_rn/__fsub_rn like the
 // CPU's non-contracted err·u then w − (·). Differences from the CPU come only from the GEMM's
 // summation order (and then from quantization decisions that flip near a rounding boundary).
 #include <cuda_runtime.h>
@@ -42,11 +42,18 @@ __device__ __forceinline__ float quantize_rn(float x, float scale, float zp, flo
   return __fmul_rn(__fsub_rn(q, zp), scale);
 }
 
+// The quantizer's rule (quant/gptq.h; CPU twin: Rule in quant/gptq.cpp).
+struct Rule {
+  float qlo, qhi, div;
+  bool sym, contain_zero;
+};
+
 // One warp per (row r, set k in [k0, k1)): min/max of W[r, k·len .. k·len+len) -> scale, zero point
-// (ops/fake_quant.h's formulas without LWC). min/max are exact, so the reduction order is free.
+// by quant/gptq.h's formulas, clip factors chi/clo (null = 1) applied to max/min. min/max are exact,
+// so the reduction order is free; the rest is the CPU's sequence of fp32 operations.
 __global__ void gptq_params_kernel(const float* __restrict__ W, int64_t out, int64_t in, int64_t len, int64_t k0,
-                                   int64_t k1, int64_t nsets, float qhi, bool symmetric, float* __restrict__ scale,
-                                   float* __restrict__ zp) {
+                                   int64_t k1, int64_t nsets, Rule R, const float* __restrict__ chi,
+                                   const float* __restrict__ clo, float* __restrict__ scale, float* __restrict__ zp) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   const int64_t nk = k1 - k0;
@@ -63,12 +70,32 @@ __global__ void gptq_params_kernel(const float* __restrict__ W, int64_t out, int
     xmin = fminf(xmin, __shfl_xor_sync(0xffffffffu, xmin, o));
   }
   if (lane != 0) return;
-  const float raw = symmetric ? __fdiv_rn(fmaxf(fabsf(xmax), fabsf(xmin)), qhi) : __fdiv_rn(__fsub_rn(xmax, xmin), qhi);
-  const float s = fminf(fmaxf(raw, 1e-5f), 1e4f);
-  float z = 0.0f;
-  if (!symmetric) z = rintf(fminf(fmaxf(__fdiv_rn(-xmin, s), -1e4f), 1e4f));
-  scale[r * nsets + k] = s;
-  zp[r * nsets + k] = z;
+  const int64_t idx = r * nsets + k;
+  const float a = chi ? chi[idx] : 1.0f, b = clo ? clo[idx] : 1.0f;
+  float s, z = 0.0f;
+  if (R.contain_zero) {  // the original GPTQ Quantizer.find_params
+    xmax = fmaxf(xmax, 0.0f);
+    xmin = fminf(xmin, 0.0f);
+    float hi = __fmul_rn(a, xmax), lo = __fmul_rn(b, xmin);
+    if (R.sym) {
+      const float m = fmaxf(fabsf(lo), fabsf(hi));
+      lo = -m;
+      hi = m;
+    }
+    if (hi == 0.0f && lo == 0.0f) {
+      lo = -1.0f;
+      hi = 1.0f;
+    }
+    s = __fdiv_rn(__fsub_rn(hi, lo), R.div);
+    if (!R.sym) z = rintf(__fdiv_rn(-lo, s));
+  } else {  // ops/fake_quant.h
+    const float hi = __fmul_rn(a, xmax), lo = __fmul_rn(b, xmin);
+    const float raw = R.sym ? __fdiv_rn(fmaxf(fabsf(hi), fabsf(lo)), R.div) : __fdiv_rn(__fsub_rn(hi, lo), R.div);
+    s = fminf(fmaxf(raw, 1e-5f), 1e4f);
+    if (!R.sym) z = rintf(fminf(fmaxf(__fdiv_rn(-lo, s), -1e4f), 1e4f));
+  }
+  scale[idx] = s;
+  zp[idx] = z;
 }
 
 // The column loop of one block [i1, i2): one warp per row (see the file comment).
@@ -108,13 +135,14 @@ __global__ void gather_cols_kernel(const float* __restrict__ src, const int32_t*
 // ---------------------------------------------------------------------------------------------
 // kernel launchers
 
-void launch_params(const Tensor& W, int64_t len, int64_t k0, int64_t k1, int64_t nsets, float qhi, bool sym,
-                   Tensor& scale, Tensor& zp, cudaStream_t st) {
+void launch_params(const Tensor& W, int64_t len, int64_t k0, int64_t k1, int64_t nsets, const Rule& R,
+                   const Tensor* chi, const Tensor* clo, Tensor& scale, Tensor& zp, cudaStream_t st) {
   const int64_t out = W.size(0), in = W.size(1);
   const int64_t warps = out * (k1 - k0);
   if (warps <= 0) return;
   gptq_params_kernel<<<grid_for(warps, kWarpsPerBlock), kWarpsPerBlock * 32, 0, st>>>(
-      W.data_as<float>(), out, in, len, k0, k1, nsets, qhi, sym, scale.data_as<float>(), zp.data_as<float>());
+      W.data_as<float>(), out, in, len, k0, k1, nsets, R, chi ? chi->data_as<float>() : nullptr,
+      clo ? clo->data_as<float>() : nullptr, scale.data_as<float>(), zp.data_as<float>());
   CUDA_CHECK_LAUNCH();
 }
 
@@ -131,22 +159,34 @@ Tensor gather_cols(const Tensor& src, const std::vector<int32_t>& idx, cudaStrea
 }  // namespace
 
 Tensor gptq_quantize_prepared(const Tensor& w, const gptq_detail::PreparedHessian& ph, const WeightQuantSpec& spec,
-                              const GptqOptions& opt) {
+                              const GptqOptions& opt, const GptqClip* clip) {
   const Device dev = w.device();
   cudaStream_t st = cuda_context(dev).stream;
   const int64_t out = w.size(0), in = w.size(1), bs = opt.block_size;
-  const float qlo = spec.symmetric ? -static_cast<float>(1 << (spec.bits - 1)) : 0.0f;
-  const float qhi = spec.symmetric ? static_cast<float>((1 << (spec.bits - 1)) - 1) : static_cast<float>((1 << spec.bits) - 1);
+  Rule R;  // as rule_of in quant/gptq.cpp
+  R.sym = spec.symmetric;
+  R.contain_zero = opt.range_contains_zero;
+  R.qlo = spec.symmetric ? -static_cast<float>(1 << (spec.bits - 1)) : 0.0f;
+  R.qhi = spec.symmetric ? static_cast<float>((1 << (spec.bits - 1)) - 1) : static_cast<float>((1 << spec.bits) - 1);
+  R.div = spec.symmetric && opt.range_contains_zero ? static_cast<float>((1 << spec.bits) - 1) : R.qhi;
+  const float qlo = R.qlo, qhi = R.qhi;
   const gptq_detail::GroupPlan plan = gptq_detail::plan_groups(in, spec, opt, ph);
   const bool grouped = spec.group_size > 0;
   Tensor scale = Tensor::empty({out * plan.nsets}, DType::f32, dev);
   Tensor zp = Tensor::empty({out * plan.nsets}, DType::f32, dev);
+  Tensor chi_t, clo_t;  // clip factors [out·nsets] on the device
+  if (clip) {
+    chi_t = Tensor::from_f32(clip->hi, {out * plan.nsets}, DType::f32, dev);
+    clo_t = Tensor::from_f32(clip->lo, {out * plan.nsets}, DType::f32, dev);
+  }
+  const Tensor* chi = clip ? &chi_t : nullptr;
+  const Tensor* clo = clip ? &clo_t : nullptr;
 
-  if (!grouped) launch_params(w, in, 0, 1, 1, qhi, spec.symmetric, scale, zp, st);  // step 1: original W
+  if (!grouped) launch_params(w, in, 0, 1, 1, R, chi, clo, scale, zp, st);  // step 1: original W
   std::vector<int32_t> keep(static_cast<size_t>(in));
   for (int64_t i = 0; i < in; ++i) keep[static_cast<size_t>(i)] = ph.dead[static_cast<size_t>(i)] ? -1 : static_cast<int32_t>(i);
   Tensor Wz = gather_cols(w, keep, st);                                                // step 2 (also the working copy)
-  if (grouped && opt.static_groups) launch_params(Wz, plan.len, 0, plan.nsets, plan.nsets, qhi, spec.symmetric, scale, zp, st);
+  if (grouped && opt.static_groups) launch_params(Wz, plan.len, 0, plan.nsets, plan.nsets, R, chi, clo, scale, zp, st);
   Tensor Wp = opt.act_order ? gather_cols(Wz, ph.perm, st) : std::move(Wz);            // step 4
 
   Tensor U = Tensor::from_f32(ph.hinv, {in, in}, DType::f32, dev);
@@ -157,7 +197,7 @@ Tensor gptq_quantize_prepared(const Tensor& w, const gptq_detail::PreparedHessia
     const int64_t i2 = std::min(i1 + bs, in), count = i2 - i1;
     if (grouped && !opt.static_groups) {
       const int64_t k0 = (i1 + plan.len - 1) / plan.len, k1 = (i2 + plan.len - 1) / plan.len;
-      launch_params(Wp, plan.len, k0, k1, plan.nsets, qhi, spec.symmetric, scale, zp, st);
+      launch_params(Wp, plan.len, k0, k1, plan.nsets, R, chi, clo, scale, zp, st);
     }
     gptq_block_kernel<<<grid_for(out, kWarpsPerBlock), kWarpsPerBlock * 32, 0, st>>>(
         Wp.data_as<float>(), Q.data_as<float>(), Err.data_as<float>(), U.data_as<float>(), scale.data_as<float>(),
