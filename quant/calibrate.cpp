@@ -25,6 +25,9 @@
 #include "quant/block_trainer.h"
 #include "quant/calib_data.h"
 #include "runtime/allocator.h"
+#ifdef OMNIQ_HAS_CUDA
+#include "runtime/cuda_backend.h"
+#endif
 #include "runtime/error.h"
 
 namespace omniq {
@@ -72,13 +75,32 @@ Tensor run_block_over(const ModelConfig& cfg, const std::map<std::string, ag::Va
   return out;
 }
 
-// Mean over samples of MSE(a_j, b_j), one host read.
-double mean_mse(const Tensor& a, const Tensor& b) {
-  Tensor acc = Tensor::zeros({a.size(0)}, DType::f32, a.device());
-  for (int64_t j = 0; j < a.size(0); ++j) acc.view_rows(j, 1).copy_from(mse_loss_forward(a.view_rows(j, 1), b.view_rows(j, 1)));
+// Runs `block` over every sample of x ([N, T, C]) in place: sample j's output is computed into a
+// temporary, then copied over its input, so the stream needs no second [N, T, C] buffer. With
+// `ref`, returns the mean over samples of MSE(out_j, ref_j) (one host read), else 0.
+double run_block_in_place(const ModelConfig& cfg, const std::map<std::string, ag::Var>& params, Tensor& x,
+                          BlockHooks* hooks, const Tensor* ref) {
+  Tensor acc = ref ? Tensor::zeros({x.size(0)}, DType::f32, x.device()) : Tensor();
+  for (int64_t j = 0; j < x.size(0); ++j) {
+    ag::Tape t;
+    Tensor xj = x.view_rows(j, 1);
+    ag::Var y = decoder_block_forward(t, cfg, params, ag::constant(xj.alias()), hooks);
+    if (ref) acc.view_rows(j, 1).copy_from(mse_loss_forward(y->value, ref->view_rows(j, 1)));
+    xj.copy_from(y->value);
+  }
+  if (!ref) return 0;
   double s = 0;
   for (float v : acc.to_f32_vector()) s += v;
-  return s / static_cast<double>(a.size(0));
+  return s / static_cast<double>(x.size(0));
+}
+
+// Waits for the device's queued work, so host timestamps bound the phases of a block.
+void sync_device(Device dev) {
+#ifdef OMNIQ_HAS_CUDA
+  if (dev.is_cuda()) cuda_rt::synchronize(dev.index);
+#else
+  (void)dev;
+#endif
 }
 
 bool all_finite(const BlockWeights& w) {
@@ -95,6 +117,95 @@ BlockWeights clone_as(const BlockWeights& w, DType dt) {
 }
 
 }  // namespace
+
+BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const BlockWeights& w,
+                            const BlockWeights& wq, CalibStreams& streams, int64_t index,
+                            const BlockCallbacks& cb) {
+  Tensor& fp = streams.fp;
+  Tensor& q = streams.q;
+  OMNIQ_CHECK(fp.defined() && q.defined() && fp.ndim() == 3 && fp.shape() == q.shape() && fp.dtype() == q.dtype() &&
+                  fp.device() == q.device() && fp.size(2) == cfg.hidden_size,
+              "calibrate_block %lld: the streams must be two [N, T, %lld] tensors of one dtype and device, got %s and %s",
+              static_cast<long long>(index), static_cast<long long>(cfg.hidden_size), fp.str().c_str(),
+              q.str().c_str());
+  const Device dev = fp.device();
+  const DType compute = fp.dtype();
+  double t = now_seconds();
+  auto phase_end = [&](double& into) {  // time since the last phase boundary, device work included
+    sync_device(dev);
+    double n = now_seconds();
+    into += n - t;
+    t = n;
+  };
+  const double t0 = t;
+  BlockReport rep;
+  rep.block = index;
+  auto fp_params = block_params(w);
+
+  // 1. fp targets, in place, and the per-channel input statistics LET / SmoothQuant / AWQ
+  //    initialise from. AWQ's search compares against fp outputs of fp inputs, so it keeps a clone of
+  //    the first windows it searches on (like the AWQ paper's 128 × 512 tokens, at most 32 windows,
+  //    because the search runs 60 fused-block passes per pair grid).
+  ActivationStatsRecorder stats;
+  bool need_stats = qc.let || qc.method == "smoothquant" || qc.method == "awq";
+  int64_t awq_n = std::min<int64_t>(fp.size(0), kAwqSearchSamples);
+  Tensor awq_inps = qc.method == "awq" ? fp.view_rows(0, awq_n).clone() : Tensor();
+  run_block_in_place(cfg, fp_params, fp, need_stats ? &stats : nullptr, nullptr);
+  phase_end(rep.fp_seconds);
+
+  // 2. The quantizer (knows each method's parameters) and its initialisation.
+  BlockQuantizer bq(cfg, qc, wq, &stats.stats(), compute);
+  if (qc.method == "smoothquant") init_smoothquant(bq, cfg, qc, wq, stats.stats());
+  if (qc.method == "awq") {
+    AwqReport ar = init_awq(bq, cfg, qc, wq, block_params(wq), awq_inps, fp.view_rows(0, awq_n), stats.stats());
+    for (const auto& [pair, alpha] : ar.alpha) rep.search[pair + ".alpha"] = alpha;
+    awq_inps = Tensor();
+  }
+  // GPTQ replaces the Linear weights: the block with f32 weights it works on (or restores into).
+  BlockWeights gptq;
+  if (qc.method == "gptq") gptq = bq.fused(wq, DType::f32);
+  if (cb.restore && cb.restore(bq, qc.method == "gptq" ? &gptq : nullptr, rep)) rep.resumed = true;
+  phase_end(rep.init_seconds);
+
+  // 3. Training (OmniQuant) or GPTQ, unless restored.
+  if (!rep.resumed && qc.trains()) {
+    std::unique_ptr<Tensor> aug;  // block_fp(q inputs): the third stream buffer, only while training
+    if (qc.aug_loss) {
+      aug = std::make_unique<Tensor>(run_block_over(cfg, fp_params, q, nullptr));
+      phase_end(rep.fp_seconds);  // fp-block work, so train_seconds is the optimizer steps alone
+    }
+    BlockTrainingData data{&q, &fp, aug.get()};
+    BlockTrainingResult tr = train_block(cfg, qc, block_params(wq), bq, data, index, [&](int e, double l) {
+      if (cb.on_epoch) cb.on_epoch(e, l);
+    });
+    rep.epoch_loss = tr.epoch_loss;
+    rep.nan_retries = tr.nan_retries;
+    rep.train_steps = static_cast<int64_t>(tr.epoch_loss.size() + static_cast<size_t>(tr.nan_retries)) * q.size(0);
+    phase_end(rep.train_seconds);
+  }
+  if (!rep.resumed && qc.method == "gptq") {
+    // Sequentially per input group, on the quantized stream's inputs, from the untransformed weights.
+    for (const std::string& site : block_linear_sites(cfg)) gptq.get(site + ".weight").copy_from(wq.get(site + ".weight"));
+    gptq_quantize_block(cfg, gptq, q, WeightQuantSpec{qc.wbits, qc.group_size, qc.symmetric}, GptqOptions{});
+    phase_end(rep.gptq_seconds);
+  }
+
+  // 4. Fuse, check, and propagate the quantized stream through the final block, in place.
+  {
+    BlockWeights fused = bq.fused(wq, compute);
+    if (qc.method == "gptq")
+      for (auto& [key, tensor] : fused.tensors) tensor.copy_from(gptq.get(key));
+    OMNIQ_CHECK(all_finite(fused), "block %lld: the fused quantized weights contain NaN/Inf; nothing was written",
+                static_cast<long long>(index));
+    ActivationQuantHooks act(qc.abits);
+    rep.final_loss = run_block_in_place(cfg, block_params(fused), q, qc.act_quant() ? &act : nullptr, &fp);
+  }
+  phase_end(rep.propagate_seconds);
+  rep.seconds = now_seconds() - t0;
+  rep.peak_bytes = memory_stats(dev).peak_bytes;
+  if (cb.on_done) cb.on_done(bq, qc.method == "gptq" ? &gptq : nullptr, rep);
+  return rep;
+}
 
 CalibrationResult calibrate_model(const CalibrationOptions& opt) {
   const QuantConfig& qc = opt.qc;
@@ -129,101 +240,56 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
     std::ofstream(cfg_path) << cfg_json;
   }
 
-  // 1. Calibration windows and block-0 inputs.
+  // 1. Calibration windows and block-0 inputs (fp stream = quantized stream at the start).
   std::string calib_path = qc.calib_text.empty() ? dataset_path("wikitext2-valid") : qc.calib_text;
   Tokenizer tok = Tokenizer::from_model_dir(opt.model_dir);
   std::vector<int32_t> ids = tok.encode(read_text_file(calib_path), true);
   auto windows = sample_calibration_windows(ids, qc.nsamples, seqlen, qc.seed);
   result.calib_tokens = qc.nsamples * seqlen;
   if (!opt.windows_out.empty()) write_file_atomic(opt.windows_out, nlohmann::json(windows).dump());
-  Tensor fp_inps = Tensor::empty({qc.nsamples, seqlen, cfg.hidden_size}, compute, dev);
+  CalibStreams streams;
+  streams.fp = Tensor::empty({qc.nsamples, seqlen, cfg.hidden_size}, compute, dev);
   {
     NamedWeights emb = ckpt.load_embeddings(compute, dev);
     for (int64_t j = 0; j < qc.nsamples; ++j) {
       Tensor x = embed_tokens(cfg, emb, Tensor::from_i32(windows[static_cast<size_t>(j)], {1, seqlen}), dev);
-      fp_inps.view_rows(j, 1).copy_from(x);
+      streams.fp.view_rows(j, 1).copy_from(x);
     }
   }
-  Tensor q_inps = fp_inps.clone();
+  streams.q = streams.fp.clone();
 
-  // 2. Blocks.
-  std::map<int64_t, BlockWeights> gptq_blocks;  // GPTQ's weights of the current block (f32)
+  // 2. Blocks: load, calibrate (calibrate_block), write the block's state file, free.
   for (int64_t i = 0; i < ckpt.num_blocks(); ++i) {
     double tb = now_seconds();
     reset_peak_memory(dev);
-    BlockReport rep;
-    rep.block = i;
     BlockWeights w = ckpt.load_block(i, compute, dev);
     BlockWeights w32 = compute == DType::f32 ? BlockWeights{} : ckpt.load_block(i, DType::f32, dev);
     const BlockWeights& wq = compute == DType::f32 ? w : w32;
-    auto fp_params = block_params(w);
-
-    // fp targets, and the per-channel input statistics LET / SmoothQuant / AWQ initialise from.
-    ActivationStatsRecorder stats;
-    bool need_stats = qc.let || qc.method == "smoothquant" || qc.method == "awq";
-    Tensor fp_outs = run_block_over(cfg, fp_params, fp_inps, need_stats ? &stats : nullptr);
-    BlockQuantizer bq(cfg, qc, wq, &stats.stats(), compute);  // knows each method's parameters
-    if (qc.method == "smoothquant") init_smoothquant(bq, cfg, qc, wq, stats.stats());
-    if (qc.method == "awq") {
-      // The search runs 60 fused-block passes per pair grid: like the AWQ paper's 128 × 512 tokens,
-      // search on a subset of the windows (at most 32).
-      int64_t ns = std::min<int64_t>(fp_inps.size(0), kAwqSearchSamples);
-      AwqReport ar = init_awq(bq, cfg, qc, wq, block_params(wq), fp_inps.view_rows(0, ns), fp_outs.view_rows(0, ns),
-                              stats.stats());
-      for (const auto& [pair, alpha] : ar.alpha) rep.search[pair + ".alpha"] = alpha;
-    }
-
     std::string state = block_state_path(result.state_dir, i);
-    if (exists(state)) {
+
+    BlockCallbacks cb;
+    cb.on_epoch = [&](int e, double l) {
+      if (opt.on_epoch) opt.on_epoch(i, e, l);
+    };
+    cb.restore = [&](BlockQuantizer& bq, BlockWeights* gptq, BlockReport& rep) {
+      if (!exists(state)) return false;
       SafetensorsFile f(state);
       for (auto& [name, var] : bq.learned()) {
         OMNIQ_CHECK(f.has("learned." + name), "%s lacks learned.%s: delete it to recalibrate block %lld",
                     state.c_str(), name.c_str(), static_cast<long long>(i));
         var->value.copy_from(f.read("learned." + name));
       }
-      if (qc.method == "gptq") {  // GPTQ has no learned parameters: the state holds its weights
-        BlockWeights g = bq.fused(wq, DType::f32);
-        for (auto& [key, t] : g.tensors) t.copy_from(f.read("fused." + key));
-        gptq_blocks[i] = std::move(g);
-      }
+      if (gptq)  // GPTQ has no learned parameters: the state holds its weights
+        for (auto& [key, t] : gptq->tensors) t.copy_from(f.read("fused." + key));
       auto meta = f.metadata();
       if (meta.count("epoch_loss")) rep.epoch_loss = nlohmann::json::parse(meta.at("epoch_loss")).get<std::vector<double>>();
-      rep.resumed = true;
-    } else if (qc.trains()) {
-      std::unique_ptr<Tensor> aug;
-      if (qc.aug_loss) aug = std::make_unique<Tensor>(run_block_over(cfg, fp_params, q_inps, nullptr));
-      BlockTrainingData data{&q_inps, &fp_outs, aug.get()};
-      BlockTrainingResult tr = train_block(cfg, qc, block_params(wq), bq, data, i, [&](int e, double l) {
-        if (opt.on_epoch) opt.on_epoch(i, e, l);
-      });
-      rep.epoch_loss = tr.epoch_loss;
-      rep.nan_retries = tr.nan_retries;
-    }
-
-    // Fuse, check, and propagate the quantized stream through the final block.
-    BlockWeights fused = bq.fused(wq, compute);
-    if (qc.method == "gptq" && gptq_blocks.count(i)) {
-      for (auto& [key, t] : fused.tensors) t.copy_from(gptq_blocks.at(i).get(key));
-    } else if (qc.method == "gptq") {
-      // GPTQ replaces the weights: sequentially per input group, on the quantized stream's inputs.
-      BlockWeights g = bq.fused(wq, DType::f32);  // the (untransformed) block with f32 Linear weights
-      for (const std::string& site : block_linear_sites(cfg)) g.get(site + ".weight").copy_from(wq.get(site + ".weight"));
-      gptq_quantize_block(cfg, g, q_inps, WeightQuantSpec{qc.wbits, qc.group_size, qc.symmetric}, GptqOptions{});
-      for (auto& [key, t] : fused.tensors) t.copy_from(g.get(key));
-      gptq_blocks[i] = std::move(g);
-    }
-    OMNIQ_CHECK(all_finite(fused), "block %lld: the fused quantized weights contain NaN/Inf; nothing was written",
-                static_cast<long long>(i));
-    ActivationQuantHooks act(qc.abits);
-    Tensor q_outs = run_block_over(cfg, block_params(fused), q_inps, qc.act_quant() ? &act : nullptr);
-    rep.final_loss = mean_mse(q_outs, fp_outs);
-    rep.seconds = now_seconds() - tb;
-    rep.peak_bytes = memory_stats(dev).peak_bytes;
-
-    if (!rep.resumed) {
-      BlockWeights fused16 = qc.method == "gptq" ? clone_as(gptq_blocks.at(i), DType::f16) : bq.fused(wq, DType::f16);
+      return true;
+    };
+    cb.on_done = [&](BlockQuantizer& bq, const BlockWeights* gptq, BlockReport& rep) {
+      rep.seconds = now_seconds() - tb;  // weight loading included
+      if (rep.resumed) return;
+      BlockWeights fused16 = gptq ? clone_as(*gptq, DType::f16) : bq.fused(wq, DType::f16);
       std::vector<std::pair<std::string, const Tensor*>> tensors;
-      std::vector<std::string> names;
       for (auto& [name, var] : bq.learned()) tensors.emplace_back("learned." + name, &var->value);
       for (auto& [key, t] : fused16.tensors) tensors.emplace_back("fused." + key, &t);
       std::map<std::string, std::string> meta{{"block", std::to_string(i)},
@@ -234,10 +300,8 @@ CalibrationResult calibrate_model(const CalibrationOptions& opt) {
                                               {"search", nlohmann::json(rep.search).dump()},
                                               {"quant_config", cfg_json}};
       write_safetensors(state, tensors, meta);
-    }
-    gptq_blocks.erase(i);
-    q_inps = std::move(q_outs);
-    fp_inps = std::move(fp_outs);
+    };
+    BlockReport rep = calibrate_block(cfg, qc, w, wq, streams, i, cb);
     result.peak_bytes = std::max(result.peak_bytes, rep.peak_bytes);
     result.blocks.push_back(rep);
     if (opt.on_block) opt.on_block(rep);
