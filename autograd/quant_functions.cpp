@@ -5,17 +5,20 @@
 
 namespace omniq::ag {
 
-Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta) {
+Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta,
+                      DType out_dtype) {
   OMNIQ_CHECK((gamma == nullptr) == (beta == nullptr), "fake_quant_weight: give both LWC gamma and beta, or neither");
   const Tensor* g = gamma ? &gamma->value : nullptr;
   const Tensor* b = beta ? &beta->value : nullptr;
-  Var y = constant(fake_quant_weight_forward(w->value, spec, g, b));
+  Var y = constant(fake_quant_weight_forward(w->value, spec, g, b, out_dtype));
   std::vector<Var> inputs{w};
   if (gamma) {
     inputs.push_back(gamma);
     inputs.push_back(beta);
   }
-  t.record(inputs, y, [w, spec, gamma, beta](const Tensor& dy) {
+  VarData* out = y.get();  // owned by the node that owns the closure: outlives every call of it
+  t.record(inputs, y, [w, spec, gamma, beta, out](const Tensor& dy) {
+    // dy is handed to the op in whatever dtype it arrived (f32 from the dW GEMM, or bf16).
     FakeQuantWeightGrads gr = fake_quant_weight_backward(dy, w->value, spec, gamma ? &gamma->value : nullptr,
                                                          beta ? &beta->value : nullptr, w->requires_grad);
     accumulate_grad(*w, std::move(gr.dw));
@@ -23,8 +26,21 @@ Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const 
       accumulate_grad(*gamma, std::move(gr.dgamma));
       accumulate_grad(*beta, std::move(gr.dbeta));
     }
+    // An intermediate's gradient is dropped once its node ran; `out` is flagged as a parameter (see
+    // below), which Tape::backward would keep: drop it here (dy is not used after this point).
+    if (out->is_parameter) out->grad = Tensor();
   });
+  // accumulate_grad stores a non-parameter's gradient in its value's dtype: for a bf16 ŵ that would
+  // convert the f32 dW to bf16 (one pass over the weight) only for the backward to read it back.
+  // A parameter's gradient is kept in f32, so flag ŵ as one. It is no leaf anyone trains (it is in
+  // no parameter list, and its gradient is released above). TODO(lead): replace with a per-Var
+  // gradient dtype in autograd/tape.h (VarData::grad_dtype) when the tape grows one.
+  if (y->requires_grad && out_dtype != DType::f32) y->is_parameter = true;
   return y;
+}
+
+Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta) {
+  return fake_quant_weight(t, w, spec, gamma, beta, w->value.dtype());
 }
 
 Var fake_quant_act(Tape& t, const Var& x, int bits) {

@@ -6,7 +6,13 @@
 
 namespace omniq::ag {
 
-// Weight fake-quant with optional LWC: gamma/beta may be null (plain min-max RTN).
+// Weight fake-quant with optional LWC: gamma/beta may be null (plain min-max RTN). The result is
+// in out_dtype (default: w's): quantizing an f32 weight straight to the bf16 compute dtype is one
+// op, bit-identical to fake-quant in f32 followed by cast(). With a lower-precision result, the
+// result's gradient is still kept in f32 (the dW GEMM writes f32) and handed to the op's backward
+// as it is, so no conversion kernel runs in either direction.
+Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta,
+                      DType out_dtype);
 Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta);
 // Per-token (per row of the last dim) dynamic activation fake-quant; bits >= 16 is the identity.
 Var fake_quant_act(Tape& t, const Var& x, int bits);

@@ -1,6 +1,8 @@
 // Memory-bound ops on the GPU: time, achieved GB/s and % of the HBM peak (H100 SXM ≈ 3.35 TB/s;
 // override with --peak-gbs). Shapes are LLaMA-2-7B activations/weights (2048 tokens × 4096) and
-// the 4096 × 11008 weight of an MLP projection. Not a test.
+// the 4096 × 11008 weight of an MLP projection, plus the weight fake-quant path of one OmniQuant
+// training step (f32 master weights → bf16 ŵ, dy f32) per weight and summed over a 7B block.
+// Flags: --reps N, --peak-gbs X, --fake-quant-only (skip the activation ops). Not a test.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,7 +38,34 @@ double time_ms(const std::function<void()>& f, int reps) {
 
 void report(const char* name, double ms, double bytes, double peak_gbs) {
   double gbs = bytes / (ms * 1e-3) / 1e9;
-  std::printf("%-44s %8.3f ms  %8.1f GB/s  %5.1f%% of peak\n", name, ms, gbs, 100.0 * gbs / peak_gbs);
+  std::printf("%-52s %8.3f ms  %8.1f GB/s  %5.1f%% of peak\n", name, ms, gbs, 100.0 * gbs / peak_gbs);
+}
+
+// One weight's fake-quant forward (f32 master → bf16 ŵ) and backward (dy f32 from the dW GEMM,
+// dγ/dβ only) with LWC; prints both and returns their times.
+struct FqTimes {
+  double fwd_ms, bwd_ms;
+};
+
+FqTimes bench_fake_quant(const char* what, int64_t out, int64_t in, int group, int reps, double peak) {
+  Device g = Device::cuda();
+  const WeightQuantSpec spec{4, group, false};
+  const int64_t groups = spec.num_groups(out, in), n = out * in;
+  Tensor w = Tensor::uniform({out, in}, -0.05f, 0.05f, 11, DType::f32, g);
+  Tensor dy = Tensor::uniform({out, in}, -1e-3f, 1e-3f, 12, DType::f32, g);
+  Tensor gamma = Tensor::full({groups}, 4.0f, DType::f32, g), beta = Tensor::full({groups}, 4.0f, DType::f32, g);
+  char name[128];
+  std::snprintf(name, sizeof name, "fq fwd f32->bf16 %-11s [%lldx%lld]", what, static_cast<long long>(out),
+                static_cast<long long>(in));
+  FqTimes t;
+  // Napkin math: read w (4 B), write ŵ (2 B); the backward reads w and dy (4 + 4 B); γ/β are 1/g of it.
+  t.fwd_ms = time_ms([&] { fake_quant_weight_forward(w, spec, &gamma, &beta, DType::bf16); }, reps);
+  report(name, t.fwd_ms, n * 6.0 + groups * 8.0, peak);
+  std::snprintf(name, sizeof name, "fq bwd dy f32 dgamma/dbeta %-9s [%lldx%lld]", what, static_cast<long long>(out),
+                static_cast<long long>(in));
+  t.bwd_ms = time_ms([&] { fake_quant_weight_backward(dy, w, spec, &gamma, &beta, false); }, reps);
+  report(name, t.bwd_ms, n * 8.0 + groups * 16.0, peak);
+  return t;
 }
 
 }  // namespace
@@ -44,9 +73,12 @@ void report(const char* name, double ms, double bytes, double peak_gbs) {
 int main(int argc, char** argv) {
   double peak = 3350;
   int reps = 50;
-  for (int i = 1; i + 1 < argc; ++i) {
+  bool fq_only = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--fake-quant-only")) fq_only = true;
+    if (i + 1 >= argc) continue;
     if (!std::strcmp(argv[i], "--peak-gbs")) peak = std::atof(argv[++i]);
-    if (!std::strcmp(argv[i], "--reps")) reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--reps")) reps = std::atoi(argv[++i]);
   }
   if (!cuda_available()) {
     std::puts("bench_memory_ops: no CUDA device visible; nothing to measure");
@@ -54,24 +86,50 @@ int main(int argc, char** argv) {
   }
   Device g = Device::cuda();
   const int64_t T = 2048, C = 4096, F = 11008;
-  Tensor x = Tensor::uniform({T, C}, -1, 1, 1, DType::bf16, g);
-  Tensor y = Tensor::uniform({T, C}, -1, 1, 2, DType::bf16, g);
-  Tensor w = Tensor::uniform({C}, 0.5f, 1.5f, 3, DType::f32, g);
-  Tensor gate = Tensor::uniform({T, F}, -2, 2, 4, DType::bf16, g);
-  Tensor up = Tensor::uniform({T, F}, -2, 2, 5, DType::bf16, g);
-  Tensor wt = Tensor::uniform({C, F}, -0.05f, 0.05f, 6, DType::f32, g);
-  Tensor gamma = Tensor::full({C * F / 128}, 4.0f, DType::f32, g);
-  Tensor beta = Tensor::full({C * F / 128}, 4.0f, DType::f32, g);
-  const double e = 2;  // bytes per bf16
-  std::printf("memory-bound ops, %s, bf16 activations (2048 tokens)\n", cuda_context(0).prop.name);
-  report("add_inplace x += y        [2048x4096]", time_ms([&] { add_inplace(x, y); }, reps), 3 * T * C * e, peak);
-  Tensor rstd;
-  report("rmsnorm forward           [2048x4096]", time_ms([&] { rmsnorm_forward(x, w, 1e-5f, &rstd); }, reps),
-         2 * T * C * e, peak);
-  report("swiglu forward            [2048x11008]", time_ms([&] { swiglu_forward(gate, up); }, reps), 3 * T * F * e, peak);
-  report("fake_quant_act 4-bit      [2048x4096]", time_ms([&] { fake_quant_act_forward(x, 4); }, reps), 2 * T * C * e, peak);
-  WeightQuantSpec spec{4, 128, false};
-  report("fake_quant_weight+LWC f32 [4096x11008] g128",
-         time_ms([&] { fake_quant_weight_forward(wt, spec, &gamma, &beta); }, reps), 2 * C * F * 4.0, peak);
+  std::printf("memory-bound ops, %s, peak %.0f GB/s\n", cuda_context(0).prop.name, peak);
+  if (!fq_only) {
+    Tensor x = Tensor::uniform({T, C}, -1, 1, 1, DType::bf16, g);
+    Tensor w = Tensor::uniform({C}, 0.5f, 1.5f, 3, DType::f32, g);
+    Tensor gate = Tensor::uniform({T, F}, -2, 2, 4, DType::bf16, g);
+    Tensor up = Tensor::uniform({T, F}, -2, 2, 5, DType::bf16, g);
+    const double e = 2;  // bytes per bf16
+    {
+      // 4× the activation rows: 2 × 64 MB bf16, so the working set is well beyond the 50 MB L2 and
+      // the figure is HBM bandwidth (at [2048x4096] the 32 MB stayed in L2 between repetitions).
+      const int64_t TA = 4 * T;
+      Tensor xa = Tensor::uniform({TA, C}, -1, 1, 1, DType::bf16, g);
+      Tensor ya = Tensor::uniform({TA, C}, -1, 1, 2, DType::bf16, g);
+      report("add_inplace x += y        [8192x4096]", time_ms([&] { add_inplace(xa, ya); }, reps), 3 * TA * C * e,
+             peak);
+    }
+    Tensor rstd;
+    report("rmsnorm forward           [2048x4096]", time_ms([&] { rmsnorm_forward(x, w, 1e-5f, &rstd); }, reps),
+           2 * T * C * e, peak);
+    report("swiglu forward            [2048x11008]", time_ms([&] { swiglu_forward(gate, up); }, reps), 3 * T * F * e,
+           peak);
+    report("fake_quant_act 4-bit      [2048x4096]", time_ms([&] { fake_quant_act_forward(x, 4); }, reps), 2 * T * C * e,
+           peak);
+    Tensor wt = Tensor::uniform({C, F}, -0.05f, 0.05f, 6, DType::f32, g);
+    Tensor gamma = Tensor::full({C * F / 128}, 4.0f, DType::f32, g);
+    Tensor beta = Tensor::full({C * F / 128}, 4.0f, DType::f32, g);
+    WeightQuantSpec spec{4, 128, false};
+    report("fake_quant_weight+LWC f32->f32 [4096x11008] g128",
+           time_ms([&] { fake_quant_weight_forward(wt, spec, &gamma, &beta); }, reps), 2 * C * F * 4.0, peak);
+  }
+  // The weight path of one OmniQuant training step (W4A16, LWC, bf16 compute).
+  std::puts("weight fake-quant + LWC, f32 master weights, bf16 compute (W4):");
+  bench_fake_quant("g128", C, F, 128, reps, peak);
+  bench_fake_quant("per-chan", C, F, 0, reps, peak);
+  bench_fake_quant("per-chan", F, C, 0, reps, peak);
+  // A whole LLaMA-2-7B block per step: q, k, v, o [4096x4096], gate, up [11008x4096], down [4096x11008].
+  for (int group : {128, 0}) {
+    FqTimes sq = bench_fake_quant(group ? "g128" : "per-chan", C, C, group, reps, peak);
+    FqTimes up_t = bench_fake_quant(group ? "g128" : "per-chan", F, C, group, reps, peak);
+    FqTimes dn = bench_fake_quant(group ? "g128" : "per-chan", C, F, group, reps, peak);
+    const double step = 4 * (sq.fwd_ms + sq.bwd_ms) + 2 * (up_t.fwd_ms + up_t.bwd_ms) + dn.fwd_ms + dn.bwd_ms;
+    const double weights = 4.0 * C * C + 3.0 * C * F;
+    std::printf("=> LLaMA-7B block, %s: fake-quant fwd+bwd %.3f ms per step (%.0f GB/s; target <= 0.8 ms)\n",
+                group ? "g128" : "per-channel", step, weights * 14.0 / (step * 1e-3) / 1e9);
+  }
   return 0;
 }

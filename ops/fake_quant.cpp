@@ -20,12 +20,17 @@ void check_data(const Tensor& x, const char* op, const char* name) {
   check_float(x, op, name);
 }
 
-void check_grad(const Tensor& dy, const Tensor& x, const char* op) {
+// dy must match x's shape and device; same_dtype: also its dtype (else any float dtype).
+void check_grad(const Tensor& dy, const Tensor& x, const char* op, bool same_dtype) {
   OMNIQ_CHECK(dy.defined(), "%s: dy is undefined", op);
   OMNIQ_CHECK(dy.shape() == x.shape(), "%s: dy %s must have the shape of the input %s", op, dy.str().c_str(),
               x.str().c_str());
-  OMNIQ_CHECK(dy.dtype() == x.dtype(), "%s: dy %s must have the input's dtype %s", op, dy.str().c_str(),
-              dtype_name(x.dtype()));
+  if (same_dtype) {
+    OMNIQ_CHECK(dy.dtype() == x.dtype(), "%s: dy %s must have the input's dtype %s", op, dy.str().c_str(),
+                dtype_name(x.dtype()));
+  } else {
+    check_float(dy, op, "dy");
+  }
   check_same_device(dy, x, op);
 }
 
@@ -110,21 +115,29 @@ void WeightQuantSpec::validate(int64_t in_features, const char* what) const {
 }
 
 Tensor fake_quant_weight_forward(const Tensor& w, const WeightQuantSpec& spec, const Tensor* gamma,
-                                 const Tensor* beta) {
+                                 const Tensor* beta, DType out_dtype) {
   const char* op = "fake_quant_weight_forward";
   const GroupQuantParams p = weight_groups(w, spec, op);
+  OMNIQ_CHECK(dtype_is_float(out_dtype), "%s: out_dtype must be f32, bf16 or f16, got %s", op,
+              dtype_name(out_dtype));
   const bool lwc = check_lwc(gamma, beta, w, spec.num_groups(w.size(0), w.size(1)), op);
-  if (!spec.enabled()) return w.clone();  // 16 bits: not quantized, LWC has no effect
-  Tensor y = Tensor::empty(w.shape(), w.dtype(), w.device());
+  if (!spec.enabled()) return w.to(out_dtype);  // 16 bits: not quantized (a copy), LWC has no effect
+  Tensor y = Tensor::empty(w.shape(), out_dtype, w.device());
   forward(w, p, lwc ? gamma : nullptr, lwc ? beta : nullptr, y, op);
   return y;
+}
+
+Tensor fake_quant_weight_forward(const Tensor& w, const WeightQuantSpec& spec, const Tensor* gamma,
+                                 const Tensor* beta) {
+  check_data(w, "fake_quant_weight_forward", "w");
+  return fake_quant_weight_forward(w, spec, gamma, beta, w.dtype());
 }
 
 FakeQuantWeightGrads fake_quant_weight_backward(const Tensor& dy, const Tensor& w, const WeightQuantSpec& spec,
                                                 const Tensor* gamma, const Tensor* beta, bool need_dw) {
   const char* op = "fake_quant_weight_backward";
   const GroupQuantParams p = weight_groups(w, spec, op);
-  check_grad(dy, w, op);
+  check_grad(dy, w, op, /*same_dtype=*/false);
   const bool lwc = check_lwc(gamma, beta, w, spec.num_groups(w.size(0), w.size(1)), op);
   FakeQuantWeightGrads g;
   if (lwc) {
@@ -132,7 +145,7 @@ FakeQuantWeightGrads fake_quant_weight_backward(const Tensor& dy, const Tensor& 
     g.dbeta = Tensor::empty(beta->shape(), DType::f32, w.device());
   }
   if (!spec.enabled()) {  // identity: dw = dy, the clipping parameters do nothing
-    if (need_dw) g.dw = dy.clone();
+    if (need_dw) g.dw = dy.to(w.dtype());  // dw has w's dtype
     if (lwc) {
       g.dgamma.zero();
       g.dbeta.zero();
@@ -164,7 +177,7 @@ Tensor fake_quant_act_backward(const Tensor& dy, const Tensor& x, int bits) {
   const char* op = "fake_quant_act_backward";
   check_data(x, op, "x");
   OMNIQ_CHECK(x.ndim() >= 1, "%s: x must have at least one dimension (..., C), got %s", op, x.str().c_str());
-  check_grad(dy, x, op);
+  check_grad(dy, x, op, /*same_dtype=*/true);
   check_act_bits(bits, op);
   if (bits >= 16) return dy.clone();
   Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());

@@ -1,8 +1,8 @@
 // Fused fake quantizers of OmniQuant (spec/omniquant.md §1–3): the weight quantizer with learnable
 // weight clipping (LWC), the dynamic per-token activation quantizer, and the |s| floor used by LET.
 // Forward and hand-written backward, CPU reference (ops/cpu/fake_quant.cpp) and CUDA kernels
-// (ops/cuda/fake_quant.cu). Data may be f32 or bf16 (the CPU also takes f16); all quantizer math is
-// fp32; LWC parameters and their gradients are f32.
+// (ops/cuda/fake_quant.cu). Data may be f32, bf16 or f16; all quantizer math is fp32; LWC
+// parameters and their gradients are f32.
 //
 // Both quantizers work on contiguous *groups*: a weight [out, in] with group size g is seen as
 // [out·in/g, g] (g = in for per-output-channel); an activation [..., C] is seen as rows × C.
@@ -69,11 +69,18 @@ struct FakeQuantWeightGrads {
   Tensor dbeta;   // f32, beta's shape; undefined without LWC
 };
 
-// ŵ = fake-quant(w) in w's dtype. w: [out, in] f32|bf16. gamma, beta: both null (no LWC) or both
-// f32 with out·in/g elements ([n] or [n, 1], group k = row k·g/in, columns (k·g) mod in ...+g).
+// ŵ = fake-quant(w) in out_dtype. w: [out, in] f32|bf16|f16; out_dtype f32|bf16|f16. gamma, beta:
+// both null (no LWC) or both f32 with out·in/g elements ([n] or [n, 1], group k = row k·g/in,
+// columns (k·g) mod in ...+g). The quantizer runs in fp32 whatever the dtypes; out_dtype only rounds
+// the fp32 ŵ once (RNE), so a bf16 result is bit-identical to the f32 result cast to bf16 — and it
+// saves the cast's extra pass over the weight (f32 master weights feeding bf16 GEMMs).
+Tensor fake_quant_weight_forward(const Tensor& w, const WeightQuantSpec& spec, const Tensor* gamma,
+                                 const Tensor* beta, DType out_dtype);
+// The same with out_dtype = w's dtype.
 Tensor fake_quant_weight_forward(const Tensor& w, const WeightQuantSpec& spec, const Tensor* gamma,
                                  const Tensor* beta);
-// Gradients of Σ dy·ŵ (dy: w's shape and dtype). Fresh tensors: the caller accumulates.
+// Gradients of Σ dy·ŵ. dy: w's shape, any float dtype (f32 as the dW GEMM writes it, or bf16/f16:
+// read as is, no conversion pass); dw has w's dtype. Fresh tensors: the caller accumulates.
 FakeQuantWeightGrads fake_quant_weight_backward(const Tensor& dy, const Tensor& w, const WeightQuantSpec& spec,
                                                 const Tensor* gamma, const Tensor* beta, bool need_dw);
 
@@ -94,7 +101,8 @@ Tensor abs_floor_ste(const Tensor& s, float floor);
 Tensor abs_floor_ste_backward(const Tensor& dy);
 
 // ---- backends (arguments already validated by the functions above; call those instead) ----
-// x is seen as [numel/group, group] groups of contiguous elements.
+// x is seen as [numel/group, group] groups of contiguous elements. y (forward) and dy (backward)
+// may have a float dtype other than x's; dx has x's dtype. The CUDA kernels take f32/bf16/f16.
 struct GroupQuantParams {
   int64_t group = 0;  // elements per group
   int bits = 4;       // 2..8

@@ -181,7 +181,7 @@ ag::Var BlockQuantizer::shift_of(const std::string& pair_name, bool expand_to_q)
 
 ag::Var BlockQuantizer::linear_weight(ag::Tape&, const std::string& site) { return originals_.at(site + ".weight"); }
 
-ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag::Var& p) {
+ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag::Var& p, DType weight_dtype) {
   auto [prefix, leaf] = split_key(key);
   bool is_weight = leaf == "weight";
   ag::Var v = p;
@@ -227,15 +227,18 @@ ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag:
     auto g = learned_.find(prefix + ".lwc_gamma");
     ag::Var gamma = g == learned_.end() ? nullptr : g->second;
     ag::Var beta = g == learned_.end() ? nullptr : learned_.at(prefix + ".lwc_beta");
-    v = ag::fake_quant_weight(t, v, WeightQuantSpec{qc_.wbits, qc_.group_size, qc_.symmetric}, gamma, beta);
+    v = ag::fake_quant_weight(t, v, WeightQuantSpec{qc_.wbits, qc_.group_size, qc_.symmetric}, gamma, beta,
+                              weight_dtype);
   }
   return v;
 }
 
 ag::Var BlockQuantizer::param(ag::Tape& t, const std::string& key, const ag::Var& p) {
-  ag::Var v = transform(t, key, p);
-  // Linear weights and biases run in the compute dtype; norm parameters stay f32.
+  // Linear weights and biases run in the compute dtype; norm parameters stay f32. A fake-quantized
+  // weight comes out of the quantizer in the compute dtype already (one pass over the weight, and
+  // its f32 gradient goes straight back into the quantizer's backward), so the cast is then a no-op.
   bool is_linear = contains(block_linear_sites(cfg_), split_key(key).first);
+  ag::Var v = transform(t, key, p, is_linear ? compute_ : DType::f32);
   return is_linear ? ag::cast(t, v, compute_) : v;
 }
 
@@ -248,9 +251,12 @@ BlockWeights BlockQuantizer::fused(const BlockWeights& weights, DType out_dtype)
   out.what = weights.what + " (quantized)";
   ag::Tape t;  // records (the parameters require grad) but is never run backward
   for (const auto& [key, tensor] : weights.tensors) {
-    ag::Var v = transform(t, key, originals_.at(key));
     bool is_linear = contains(block_linear_sites(cfg_), split_key(key).first);
-    out.tensors[key] = is_linear ? v->value.to(out_dtype) : v->value.to(DType::f32);
+    const DType want = is_linear ? out_dtype : DType::f32;
+    ag::Var v = transform(t, key, originals_.at(key), want);
+    // A fresh result already in the wanted dtype is taken as is; the originals are always copied.
+    bool fresh = !v->value.shares_storage_with(originals_.at(key)->value) && v->value.dtype() == want;
+    out.tensors[key] = fresh ? v->value.alias() : v->value.to(want);
     t.clear();
   }
   return out;

@@ -9,7 +9,8 @@
 //    fake-quant on every Linear input and on the attention operands q, k, v (weight-activation).
 //
 // Parameters are f32 on the block's device. The block weights given are the f32 originals; the
-// Linear weights/biases the block computes with are cast to the compute dtype after quantization.
+// Linear weights/biases the block computes with are in the compute dtype: a fake-quantized weight
+// comes out of the quantizer in it directly (fp32 math, one rounding), the rest is cast.
 #pragma once
 #include <map>
 #include <string>
@@ -65,7 +66,9 @@ class BlockQuantizer : public BlockHooks {
 
  private:
   struct PairUse;  // how a key is touched by a transform pair
-  ag::Var transform(ag::Tape& t, const std::string& key, const ag::Var& p);
+  // LET and weight fake-quant of one parameter; a fake-quantized Linear weight comes out in
+  // `weight_dtype` (the fp32 ŵ rounded once), everything else in its own dtype.
+  ag::Var transform(ag::Tape& t, const std::string& key, const ag::Var& p, DType weight_dtype);
   ag::Var scale_of(ag::Tape& t, const std::string& pair_name, bool expand_to_q);
   ag::Var shift_of(const std::string& pair_name, bool expand_to_q) const;
   ag::Var linear_weight(ag::Tape& t, const std::string& site);  // original weight of a site (constant)

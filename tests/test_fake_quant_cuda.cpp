@@ -201,5 +201,9 @@ TEST(FakeQuantCuda, EmptyAndIdentityCases) {
   Tensor w = Tensor::uniform({4, 64}, -1.0f, 1.0f, 3, DType::bf16, kGpu);
   EXPECT_TRUE(bit_equal(fake_quant_weight_forward(w, {16, 0}, nullptr, nullptr).to(Device::cpu()).to_f32_vector(),
                         w.to(Device::cpu()).to_f32_vector()));
-  EXPECT_THROW(fake_quant_act_forward(Tensor::zeros({2, 8}, DType::f16, kGpu), 4), Error);  // f16: no kernel
+  // f16 has kernels too (the same templates): same bits as the CPU.
+  Tensor h = Tensor::uniform({3, 40}, -1.0f, 1.0f, 5, DType::f16);
+  EXPECT_TRUE(bit_equal(fake_quant_act_forward(h.to(kGpu), 4).to(Device::cpu()).to_f32_vector(),
+                        fake_quant_act_forward(h, 4).to_f32_vector()));
+  EXPECT_THROW(fake_quant_act_forward(Tensor::zeros({2, 8}, DType::i32, kGpu), 4), Error);  // not a float
 }

@@ -151,7 +151,7 @@ GroupGrad group_grad(const GroupState& s, float dscale, const Levels& L, bool sy
 void fake_quant_groups_forward(const Tensor& x, const GroupQuantParams& p, const Tensor* gamma, const Tensor* beta,
                                Tensor& y) {
   const int64_t n = p.group, groups = x.numel() / n;
-  const DType dt = x.dtype();
+  const DType dt = y.dtype();  // may differ from x's: the fp32 x̂ is rounded once, to y's dtype
   const Levels L = levels(p);
   const float* gp = gamma ? gamma->data_as<const float>() : nullptr;
   const float* bp = beta ? beta->data_as<const float>() : nullptr;
@@ -173,7 +173,7 @@ void fake_quant_groups_backward(const Tensor& dy, const Tensor& x, const GroupQu
   const float* bp = beta ? beta->data_as<const float>() : nullptr;
   float* dgp = dgamma ? dgamma->data_as<float>() : nullptr;
   float* dbp = dbeta ? dbeta->data_as<float>() : nullptr;
-  const std::vector<float> xv = x.to_f32_vector(), dyv = dy.to_f32_vector();
+  const std::vector<float> xv = x.to_f32_vector(), dyv = dy.to_f32_vector();  // dy: any float dtype
   std::vector<float> dxv(dx ? xv.size() : 0);
   for (int64_t k = 0; k < groups; ++k) {
     const float* xg = &xv[k * n];
