@@ -9,6 +9,10 @@
 // apart, which cuBLASLt's (ld, batch stride) describe directly. GQA: for each g < G = Hq/Hkv one
 // GEMM batched over the Hkv kv heads handles query heads h = kvh·G + g (batch stride G·D in Q,
 // D in K/V). dK/dV sum over the G query heads of a kv head by accumulating (beta = 1) into fp32.
+//
+// bf16/f16 with D ∈ {64, 128} (the models' case) goes to the flash kernels instead
+// (ops/cuda/flash_attention.cu: O(T) memory, tensor-core tiles); this materialised path remains for
+// f32 (the tests' exact reference on the GPU) and other head sizes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -16,6 +20,7 @@
 #include <type_traits>
 
 #include "ops/attention.h"
+#include "ops/cuda/flash_attention.h"
 #include "ops/matmul.h"
 #include "runtime/cuda_context.h"
 
@@ -224,6 +229,7 @@ void scores_gemm(const Problem& pr, int64_t b, const Tensor& x, const Tensor& y,
 
 Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
                          Tensor* lse_out) {
+  if (flash_attention_supported(q, k, v)) return flash_attention_forward(q, k, v, scale, causal, lse_out);
   const Problem pr(q, k);
   const Device dev = q.device();
   cudaStream_t stream = cuda_context(dev).stream;
@@ -277,6 +283,7 @@ AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, const Ten
       CUDA_CHECK_LAUNCH();
     });
   }
+  if (flash_attention_supported(q, k, v, &dout)) return flash_attention_backward(dout, q, k, v, delta, lse, scale, causal);
 
   const Shape tt{pr.Hq, pr.T, pr.T};
   Tensor s = Tensor::empty(tt, DType::f32, dev);

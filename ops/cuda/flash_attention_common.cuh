@@ -1,0 +1,152 @@
+// Device primitives shared by the flash attention kernels (ops/cuda/flash_attention.cu forward,
+// ops/cuda/flash_attention_backward.cu backward): mma.sync m16n8k16, ldmatrix addressing, cp.async
+// tile copies, and the host-side dtype/D/causal dispatch. Include only from .cu files.
+//
+// Fragment layouts of mma.m16n8k16 (g = lane/4, t = lane%4): A (16x16, row) a0 (g, 2t..2t+1),
+// a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..); B (16x8, k×n) b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g);
+// C (16x8) c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1). Hence a C fragment of two adjacent n-tiles
+// is directly the A fragment of the next product (P·V), and every operand comes from shared memory
+// through ldmatrix.x4 (non-transposed when its contiguous dimension is the mma's k, .trans otherwise).
+// Smem rows are padded by 8 elements (16 bytes) so the 8 row addresses of one ldmatrix phase hit
+// distinct bank groups.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "runtime/dtype.h"
+#include "runtime/tensor.h"
+
+namespace omniq::cuda::flash {
+
+constexpr int kTile = 64;       // rows of every Q/K/V/dO tile
+constexpr int kThreads = 128;   // 4 warps x 16 rows
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------------
+// device primitives
+
+template <typename E> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename E> __device__ __forceinline__ E from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+// c += a·b for one 16x8x16 tile, fp32 accumulators.
+template <typename E>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<E, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, r[i] receives
+// (row lane/4, cols 2·(lane%4)..+1) of matrix i, or of its transpose with .trans.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// Operand addressing for ldsm over a 16x16 block at (row0, col0) of a row-major smem array:
+//   a_addr: matrices (r,c), (r+8,c), (r,c+8), (r+8,c+8): an A fragment (non-trans), or with .trans
+//           the B fragments (b0,b1) of n-tiles col0 and col0+8 when rows are the k dimension.
+//   b_addr: matrices (r,c), (r,c+8), (r+8,c), (r+8,c+8): the B fragments (b0,b1) of n-tiles row0
+//           and row0+8 when rows are the n dimension (non-trans), or with .trans an A fragment
+//           whose rows (m) are this array's columns.
+__device__ __forceinline__ int a_off(int lane, int row0, int col0, int ld) {
+  return (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + col0 + (lane >> 4) * 8;
+}
+__device__ __forceinline__ int b_off(int lane, int row0, int col0, int ld) {
+  return (row0 + (lane & 7) + (lane >> 4) * 8) * ld + col0 + ((lane >> 3) & 1) * 8;
+}
+
+// 16-byte global->shared copy that zero-fills when !valid (src is then not read, but must still
+// be a valid address: callers pass the tile's first row).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Tile of 64 rows x D from global rows `ldg` elements apart into smem rows D+8 apart; rows at or
+// beyond rows_valid (past the sequence end) become zeros, so they add nothing and never NaN.
+template <typename E, int D>
+__device__ __forceinline__ void load_tile_async(E* s, const E* g, int64_t ldg, int rows_valid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static_assert(kTile * kChunks % kThreads == 0, "tile copy must split evenly over the CTA");
+#pragma unroll
+  for (int i = 0; i < kTile * kChunks / kThreads; ++i) {
+    const int c = threadIdx.x + i * kThreads;
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = r < rows_valid;
+    cp_async16(s + r * (D + 8) + col, ok ? g + r * ldg + col : g, ok);
+  }
+}
+
+__device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));  // one vector RED (sm_90+)
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// host helpers
+
+// Calls f(E{}, integral_constant<int, D>{}, bool_constant<causal>{}) for the runtime choices.
+template <typename F>
+inline void flash_dispatch(DType dt, int64_t D, bool causal, F&& f) {
+  auto by_causal = [&](auto e, auto d) {
+    if (causal)
+      f(e, d, std::true_type{});
+    else
+      f(e, d, std::false_type{});
+  };
+  auto by_d = [&](auto e) {
+    if (D == 64)
+      by_causal(e, std::integral_constant<int, 64>{});
+    else
+      by_causal(e, std::integral_constant<int, 128>{});
+  };
+  if (dt == DType::bf16)
+    by_d(__nv_bfloat16{});
+  else
+    by_d(__half{});
+}
+
+inline bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
+
+}  // namespace omniq::cuda::flash

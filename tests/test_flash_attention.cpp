@@ -1,0 +1,262 @@
+// Flash attention (ops/cuda/flash_attention.cu, reached through attention_forward/backward for
+// bf16/f16 with D ∈ {64, 128}) against the CPU reference run on the same 16-bit-rounded inputs.
+//
+// Coverage: bf16 and f16; D 64 and 128; causal and full; GQA (Hq=8, Hkv=2), MHA and MQA; T that are
+// not multiples of the 64-row tile (1, 17, 100, 257, 300) and T = 1024 with B = 2; softmax peaked
+// enough that the running max moves between key tiles; T = 4096 with an O(T) memory check (the
+// materialised path would need Hq·T²·4 bytes = 256 MiB of scores there).
+//
+// Tolerances (|got − ref| ≤ atol + rtol·|ref|):
+//   out      rtol 2e-2, atol 2e-2·max|ref|  (P is rounded to 16 bits before P·V; max|ref| floored at 1e-3)
+//   lse      rtol 1e-3, atol 2e-3           (fp32 on both sides, exact 16-bit products)
+//   dq/dk/dv bf16 rtol 3e-2, atol 3e-2·max|ref|; f16 1e-2 (P and dS rounded before their GEMMs)
+// The backward comparison feeds both backends the CUDA forward's out/lse, isolating the backward.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops/attention.h"
+#include "runtime/allocator.h"
+#include "runtime/error.h"
+#include "tests/support/test_support.h"
+#ifdef OMNIQ_HAS_CUDA
+#include "ops/cuda/flash_attention.h"
+#endif
+
+namespace omniq {
+namespace {
+
+using test::all_close;
+
+struct Case {
+  int64_t B, T, Hq, Hkv, D;
+  bool causal;
+  DType dt;
+  float scale;  // 0: 1/sqrt(D)
+  float sc() const { return scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(D)); }
+};
+
+std::ostream& operator<<(std::ostream& os, const Case& c) {
+  return os << dtype_name(c.dt) << " B=" << c.B << " T=" << c.T << " Hq=" << c.Hq << " Hkv=" << c.Hkv
+            << " D=" << c.D << (c.causal ? " causal" : " full") << " scale=" << c.sc();
+}
+
+float max_abs(const std::vector<float>& v) {
+  float m = 0;
+  for (float x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// 16-bit comparisons: atol relative to the largest reference value (gradients cancel, so small
+// entries carry the rounding of large ones), floored at rel·1e-3: where a gradient is zero in exact
+// arithmetic (dq, dk at T = 1: a softmax over one key has no score gradient) both sides hold only
+// ~1e-8 of rounding noise, which must not count as a mismatch.
+::testing::AssertionResult close_scaled(const Tensor& got, const Tensor& ref, float rel) {
+  const auto r = ref.to(Device::cpu()).to_f32_vector();
+  return all_close(got.to(Device::cpu()).to_f32_vector(), r, rel * std::max(max_abs(r), 1e-3f), rel);
+}
+
+struct Inputs {
+  Tensor q, k, v, dout;  // CPU, in the case's dtype
+};
+Inputs make_inputs(const Case& c, uint64_t seed) {
+  return {Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed, c.dt),
+          Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 1, c.dt),
+          Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 2, c.dt),
+          Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed + 3, c.dt)};
+}
+
+float grad_rel(DType dt) { return dt == DType::bf16 ? 3e-2f : 1e-2f; }
+
+// Forward (out, lse) and backward (dq, dk, dv) of one case, CUDA vs CPU.
+void check_case(const Case& c, uint64_t seed, bool backward = true) {
+  SCOPED_TRACE(testing::Message() << c);
+  const Inputs in = make_inputs(c, seed);
+  const Device gpu = Device::cuda();
+  const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
+  const float scale = c.sc();
+
+  Tensor lse_ref, lse;
+  const Tensor ref = attention_forward(in.q, in.k, in.v, scale, c.causal, &lse_ref);
+  const Tensor out = attention_forward(q, k, v, scale, c.causal, &lse);
+  ASSERT_EQ(out.dtype(), c.dt);
+  ASSERT_EQ(out.shape(), in.q.shape());
+  ASSERT_EQ(lse.shape(), (Shape{c.B, c.Hq, c.T}));
+  ASSERT_EQ(lse.dtype(), DType::f32);
+  EXPECT_TRUE(close_scaled(out, ref, 2e-2f)) << "out";
+  EXPECT_TRUE(all_close(lse.to(Device::cpu()), lse_ref, 2e-3f, 1e-3f)) << "lse";
+  if (!backward) return;
+
+  const AttentionGrads got = attention_backward(dout, q, k, v, out, lse, scale, c.causal);
+  const AttentionGrads want =
+      attention_backward(in.dout, in.q, in.k, in.v, out.to(Device::cpu()), lse.to(Device::cpu()), scale, c.causal);
+  ASSERT_EQ(got.dq.dtype(), c.dt);
+  ASSERT_EQ(got.dk.dtype(), c.dt);
+  ASSERT_EQ(got.dq.shape(), in.q.shape());
+  ASSERT_EQ(got.dk.shape(), in.k.shape());
+  ASSERT_EQ(got.dv.shape(), in.v.shape());
+  const float rel = grad_rel(c.dt);
+  EXPECT_TRUE(close_scaled(got.dq, want.dq, rel)) << "dq";
+  EXPECT_TRUE(close_scaled(got.dk, want.dk, rel)) << "dk";
+  EXPECT_TRUE(close_scaled(got.dv, want.dv, rel)) << "dv";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which path serves which inputs (host-side predicate; runs without a GPU).
+
+#ifdef OMNIQ_HAS_CUDA
+TEST(FlashAttentionDispatch, SupportedInputs) {
+  auto supported = [](int64_t T, int64_t Hq, int64_t Hkv, int64_t D, DType dt) {
+    const Tensor q = Tensor::zeros(Shape{1, T, Hq, D}, dt), kv = Tensor::zeros(Shape{1, T, Hkv, D}, dt);
+    return cuda::flash_attention_supported(q, kv, kv, &q);
+  };
+  EXPECT_TRUE(supported(17, 8, 2, 128, DType::bf16));
+  EXPECT_TRUE(supported(1, 4, 4, 64, DType::f16));
+  EXPECT_FALSE(supported(17, 4, 4, 128, DType::f32));
+  EXPECT_FALSE(supported(17, 4, 4, 96, DType::bf16));
+  EXPECT_FALSE(supported(17, 4, 4, 16, DType::bf16));
+}
+
+// Backward kv-head splits: none for MHA; for the 70B shape (H=64, Hkv=8, 32 key tiles = 256 CTAs on
+// 132 SMs) the fewest that give >= 4 CTAs per SM; all G when even that is not enough.
+TEST(FlashAttentionDispatch, KvSplits) {
+  EXPECT_EQ(cuda::flash_attention_kv_splits(1, 2048, 32, 32, 132), 1);
+  EXPECT_EQ(cuda::flash_attention_kv_splits(1, 2048, 64, 8, 132), 4);
+  EXPECT_EQ(cuda::flash_attention_kv_splits(4, 2048, 64, 8, 132), 1);
+  EXPECT_EQ(cuda::flash_attention_kv_splits(1, 100, 8, 2, 132), 4);
+  EXPECT_EQ(cuda::flash_attention_kv_splits(1, 2048, 12, 4, 16), 1);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// CUDA vs CPU
+
+// Every (dtype, D, causal, T) with GQA and with MHA, B = 2; no T is a multiple of the 64-row tile.
+TEST(FlashAttentionCuda, TileEdgesAllVariants) {
+  OMNIQ_REQUIRE_CUDA();
+  uint64_t seed = 1000;
+  for (DType dt : {DType::bf16, DType::f16})
+    for (int64_t D : {64, 128})
+      for (bool causal : {true, false})
+        for (int64_t T : {1, 17, 100, 257}) {
+          check_case({2, T, 8, 2, D, causal, dt, 0.f}, seed += 10);  // GQA, G = 4
+          check_case({2, T, 4, 4, D, causal, dt, 0.f}, seed += 10);  // MHA
+        }
+}
+
+// Exact tile multiples (64, 128) and MQA (every query head on one kv head, G = 8).
+TEST(FlashAttentionCuda, TileMultiplesAndMqa) {
+  OMNIQ_REQUIRE_CUDA();
+  check_case({1, 64, 4, 2, 128, true, DType::bf16, 0.f}, 2000);
+  check_case({2, 128, 4, 4, 64, false, DType::bf16, 0.f}, 2010);
+  check_case({1, 200, 8, 1, 128, true, DType::bf16, 0.f}, 2020);
+  check_case({1, 200, 8, 1, 64, false, DType::f16, 0.f}, 2030);
+}
+
+// Large scale → scores spread over ±20: softmax nearly one-hot, the running max changes from key
+// tile to key tile, so the online rescaling (alpha) of O and l is exercised for real.
+TEST(FlashAttentionCuda, PeakedSoftmax) {
+  OMNIQ_REQUIRE_CUDA();
+  for (bool causal : {true, false}) {
+    check_case({2, 300, 4, 2, 64, causal, DType::bf16, 3.f}, 3000 + causal);
+    check_case({1, 300, 4, 2, 128, causal, DType::f16, 2.f}, 3010 + causal);
+  }
+}
+
+// The calibration-like length with B = 2.
+TEST(FlashAttentionCuda, T1024) {
+  OMNIQ_REQUIRE_CUDA();
+  check_case({2, 1024, 8, 2, 128, true, DType::bf16, 0.f}, 4000);
+  check_case({2, 1024, 4, 4, 64, false, DType::f16, 0.f}, 4010);
+}
+
+// lse_out = nullptr still gives the same output (the kernel always computes lse internally).
+TEST(FlashAttentionCuda, WithoutLse) {
+  OMNIQ_REQUIRE_CUDA();
+  const Case c{1, 77, 4, 2, 128, true, DType::bf16, 0.f};
+  const Inputs in = make_inputs(c, 5000);
+  const Device gpu = Device::cuda();
+  const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu);
+  Tensor lse;
+  const Tensor a = attention_forward(q, k, v, c.sc(), true, &lse);
+  const Tensor b = attention_forward(q, k, v, c.sc(), true, nullptr);
+  EXPECT_TRUE(all_close(b.to(Device::cpu()), a.to(Device::cpu()), 0.f, 0.f));  // deterministic kernel
+}
+
+// T = 4096 runs, matches, and stays O(T) in memory: the scratch above the inputs is the outputs,
+// lse/delta and the fp32 dQ accumulator (~20 MiB), where the materialised path needs > 256 MiB.
+TEST(FlashAttentionCuda, LongSequenceO_T_Memory) {
+  OMNIQ_REQUIRE_CUDA();
+  const Case c{1, 4096, 4, 2, 128, true, DType::bf16, 0.f};
+  SCOPED_TRACE(testing::Message() << c);
+  const Inputs in = make_inputs(c, 6000);
+  const Device gpu = Device::cuda();
+  const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
+  const float scale = c.sc();
+
+  reset_peak_memory(gpu);
+  const int64_t live0 = memory_stats(gpu).live_bytes;
+  Tensor lse;
+  const Tensor out = attention_forward(q, k, v, scale, true, &lse);
+  const AttentionGrads got = attention_backward(dout, q, k, v, out, lse, scale, true);
+  const double scratch_mib = (memory_stats(gpu).peak_bytes - live0) / 1048576.0;
+  EXPECT_LT(scratch_mib, 64.0) << "attention scratch is not O(T): the flash path was not taken?";
+
+  Tensor lse_ref;
+  const Tensor ref = attention_forward(in.q, in.k, in.v, scale, true, &lse_ref);
+  EXPECT_TRUE(close_scaled(out, ref, 2e-2f)) << "out";
+  EXPECT_TRUE(all_close(lse.to(Device::cpu()), lse_ref, 2e-3f, 1e-3f)) << "lse";
+  const AttentionGrads want =
+      attention_backward(in.dout, in.q, in.k, in.v, out.to(Device::cpu()), lse.to(Device::cpu()), scale, true);
+  EXPECT_TRUE(close_scaled(got.dq, want.dq, 3e-2f)) << "dq";
+  EXPECT_TRUE(close_scaled(got.dk, want.dk, 3e-2f)) << "dk";
+  EXPECT_TRUE(close_scaled(got.dv, want.dv, 3e-2f)) << "dv";
+}
+
+#ifdef OMNIQ_HAS_CUDA
+// Every split of the G = 4 query heads per kv head (1: one CTA loops over all 4 heads and stores
+// dK/dV; 2: two heads per CTA; 4: one each, dK/dV summed by fp32 atomics) gives the CPU gradients.
+TEST(FlashAttentionCuda, BackwardKvSplits) {
+  OMNIQ_REQUIRE_CUDA();
+  for (bool causal : {true, false})
+    for (int splits : {1, 2, 4}) {
+      const Case c{2, 150, 8, 2, 128, causal, DType::bf16, 0.f};
+      SCOPED_TRACE(testing::Message() << c << " splits=" << splits);
+      const Inputs in = make_inputs(c, 8000 + splits);
+      const Device gpu = Device::cuda();
+      const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
+      Tensor lse;
+      const Tensor out = attention_forward(q, k, v, c.sc(), causal, &lse);
+      // delta[b, h, t] = Σ_d dout ⊙ out, from the 16-bit values (what attn_delta_kernel computes).
+      const Tensor out_h = out.to(Device::cpu());
+      const auto o = out_h.to_f32_vector(), g = in.dout.to_f32_vector();
+      std::vector<float> delta(static_cast<size_t>(c.B * c.Hq * c.T));
+      for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t t = 0; t < c.T; ++t)
+          for (int64_t h = 0; h < c.Hq; ++h) {
+            double acc = 0;
+            for (int64_t d = 0; d < c.D; ++d) {
+              const size_t i = static_cast<size_t>(((b * c.T + t) * c.Hq + h) * c.D + d);
+              acc += static_cast<double>(o[i]) * g[i];
+            }
+            delta[static_cast<size_t>((b * c.Hq + h) * c.T + t)] = static_cast<float>(acc);
+          }
+      const Tensor delta_d = Tensor::from_f32(delta, Shape{c.B, c.Hq, c.T}, DType::f32).to(gpu);
+      const AttentionGrads got = cuda::flash_attention_backward(dout, q, k, v, delta_d, lse, c.sc(), causal, splits);
+      const AttentionGrads want =
+          attention_backward(in.dout, in.q, in.k, in.v, out_h, lse.to(Device::cpu()), c.sc(), causal);
+      EXPECT_TRUE(close_scaled(got.dq, want.dq, 3e-2f)) << "dq";
+      EXPECT_TRUE(close_scaled(got.dk, want.dk, 3e-2f)) << "dk";
+      EXPECT_TRUE(close_scaled(got.dv, want.dv, 3e-2f)) << "dv";
+    }
+}
+#endif
+
+// Other head sizes stay on the materialised path and still work (dispatch fallback).
+TEST(FlashAttentionCuda, FallbackHeadDim) {
+  OMNIQ_REQUIRE_CUDA();
+  check_case({1, 50, 4, 2, 32, true, DType::bf16, 0.f}, 7000);
+}
+
+}  // namespace
+}  // namespace omniq
