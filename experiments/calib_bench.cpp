@@ -109,7 +109,9 @@ void random_block_weights(const ModelConfig& cfg, int64_t layer, uint64_t seed, 
     Tensor t;
     if (s.role == WeightRole::norm_weight) t = Tensor::full(s.shape, 1.0f, DType::f32, dev);
     else if (s.role == WeightRole::norm_bias) t = Tensor::zeros(s.shape, DType::f32, dev);
-    else t = random_normal(s.shape, 0.02f, mix(mix(seed, static_cast<uint64_t>(layer)), name_hash(s.key)), DType::f32, dev);
+    else t = random_normal(s.shape, 0.02f, mix(mix(seed, static_cast<uint64_t>(layer)), name_hash(s.key)), DType::f32, dev)
+                 .to(DType::f16)
+                 .to(DType::f32);  // fp16 values, like a Hugging Face checkpoint (calibration relies on it)
     if (compute == DType::f32) {  // one copy, as calibrate_model loads it
       cw.tensors[s.key] = std::move(t);
       continue;

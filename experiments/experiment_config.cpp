@@ -31,6 +31,7 @@ void for_each_field(ExperimentConfig& c, F&& f) {
   f("quantization.lwc", q.lwc);
   f("quantization.let", q.let);
   f("quantization.aug_loss", q.aug_loss);
+  f("quantization.gptq", q.gptq);
   f("quantization.epochs", q.epochs);
   f("quantization.nsamples", q.nsamples);
   f("quantization.seqlen", q.seqlen);

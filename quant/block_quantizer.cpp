@@ -223,7 +223,7 @@ ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag:
   }
   // 3. Weight fake-quant (+ LWC) of Linear weights.
   bool is_linear = contains(block_linear_sites(cfg_), prefix);
-  if (is_linear && is_weight && qc_.weight_quant()) {
+  if (is_linear && is_weight && qc_.weight_quant() && !skip_weight_quant_) {
     auto g = learned_.find(prefix + ".lwc_gamma");
     ag::Var gamma = g == learned_.end() ? nullptr : g->second;
     ag::Var beta = g == learned_.end() ? nullptr : learned_.at(prefix + ".lwc_beta");
@@ -259,6 +259,20 @@ BlockWeights BlockQuantizer::fused(const BlockWeights& weights, DType out_dtype)
     out.tensors[key] = fresh ? v->value.alias() : v->value.to(want);
     t.clear();
   }
+  return out;
+}
+
+BlockWeights BlockQuantizer::fused_unquantized(const BlockWeights& weights) {
+  skip_weight_quant_ = true;
+  BlockWeights out;
+  try {
+    out = fused(weights, DType::f32);
+  } catch (...) {
+    skip_weight_quant_ = false;
+    throw;
+  }
+  skip_weight_quant_ = false;
+  out.what = weights.what + " (LET fused, not quantized)";
   return out;
 }
 

@@ -63,12 +63,15 @@ class BlockQuantizer : public BlockHooks {
   // The final block: LET fused into the weights, Linear weights fake-quantized (in `out_dtype`),
   // norm parameters f32. Computed without recording gradients.
   BlockWeights fused(const BlockWeights& weights, DType out_dtype);
+  // LET fused but Linear weights NOT fake-quantized (what OmniQuant-then-GPTQ quantizes), in f32.
+  BlockWeights fused_unquantized(const BlockWeights& weights);
 
  private:
   struct PairUse;  // how a key is touched by a transform pair
   // LET and weight fake-quant of one parameter; a fake-quantized Linear weight comes out in
   // `weight_dtype` (the fp32 ŵ rounded once), everything else in its own dtype.
   ag::Var transform(ag::Tape& t, const std::string& key, const ag::Var& p, DType weight_dtype);
+  bool skip_weight_quant_ = false;  // set only inside fused_unquantized()
   ag::Var scale_of(ag::Tape& t, const std::string& pair_name, bool expand_to_q);
   ag::Var shift_of(const std::string& pair_name, bool expand_to_q) const;
   ag::Var linear_weight(ag::Tape& t, const std::string& site);  // original weight of a site (constant)

@@ -15,6 +15,7 @@
 #include "models/safetensors.h"
 #include "models/safetensors_writer.h"
 #include "models/tokenizer.h"
+#include "ops/elementwise.h"
 #include "ops/loss.h"
 #include "ops/reduce.h"
 #include "quant/act_quant_hooks.h"
@@ -118,8 +119,32 @@ BlockWeights clone_as(const BlockWeights& w, DType dt) {
 
 }  // namespace
 
+// Weight-only OmniQuant/RTN without LET reads every Linear weight twice per training step (the
+// fake-quant forward and backward). Hugging Face checkpoints are fp16, so the f32 copy holds
+// fp16 values: keeping those weights in f16 halves the bytes read and changes no result (f16 -> f32
+// is exact). `out` gets f16 Linear weights and aliases of the rest; false (and `out` unused) when
+// any Linear weight is not exactly representable in f16.
+static bool linear_weights_to_f16_if_exact(const ModelConfig& cfg, const BlockWeights& w32, BlockWeights& out) {
+  out = BlockWeights{};
+  out.what = w32.what;
+  std::vector<std::string> sites = block_linear_sites(cfg);
+  for (const auto& [key, t] : w32.tensors) {
+    bool linear_weight = false;
+    for (const std::string& s : sites) linear_weight = linear_weight || key == s + ".weight";
+    if (!linear_weight || t.dtype() != DType::f32) {
+      out.tensors[key] = t.alias();
+      continue;
+    }
+    Tensor h = t.to(DType::f16);
+    for (float d : col_absmax(sub(t, h.to(DType::f32))).to_f32_vector())  // once per block: [in] floats
+      if (!(d == 0.0f)) return false;
+    out.tensors[key] = std::move(h);
+  }
+  return true;
+}
+
 BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const BlockWeights& w,
-                            const BlockWeights& wq, CalibStreams& streams, int64_t index,
+                            const BlockWeights& wq_f32, CalibStreams& streams, int64_t index,
                             const BlockCallbacks& cb) {
   Tensor& fp = streams.fp;
   Tensor& q = streams.q;
@@ -141,6 +166,12 @@ BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const
   BlockReport rep;
   rep.block = index;
   auto fp_params = block_params(w);
+  const bool then_gptq = qc.method == "omniquant" && qc.gptq;  // OmniQuant-then-GPTQ
+  const bool uses_gptq = qc.method == "gptq" || then_gptq;
+  BlockWeights w16;
+  const bool store16 = compute != DType::f32 && !qc.let && (qc.method == "omniquant" || qc.method == "rtn") &&
+                       linear_weights_to_f16_if_exact(cfg, wq_f32, w16);
+  const BlockWeights& wq = store16 ? w16 : wq_f32;
 
   // 1. fp targets, in place, and the per-channel input statistics LET / SmoothQuant / AWQ
   //    initialise from. AWQ's search compares against fp outputs of fp inputs, so it keeps a clone of
@@ -164,7 +195,8 @@ BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const
   // GPTQ replaces the Linear weights: the block with f32 weights it works on (or restores into).
   BlockWeights gptq;
   if (qc.method == "gptq") gptq = bq.fused(wq, DType::f32);
-  if (cb.restore && cb.restore(bq, qc.method == "gptq" ? &gptq : nullptr, rep)) rep.resumed = true;
+  if (then_gptq) gptq = bq.fused_unquantized(wq);  // (re)computed after training
+  if (cb.restore && cb.restore(bq, uses_gptq ? &gptq : nullptr, rep)) rep.resumed = true;
   phase_end(rep.init_seconds);
 
   // 3. Training (OmniQuant) or GPTQ, unless restored.
@@ -189,11 +221,25 @@ BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const
     gptq_quantize_block(cfg, gptq, q, WeightQuantSpec{qc.wbits, qc.group_size, qc.symmetric}, GptqOptions{});
     phase_end(rep.gptq_seconds);
   }
+  if (!rep.resumed && then_gptq) {
+    // The trained LET fused into the weights, then GPTQ on them with OmniQuant's quantizer (range not
+    // forced to contain 0) and each group's range shrunk by the learned σ(γ), σ(β).
+    gptq = bq.fused_unquantized(wq);
+    GptqOptions o;
+    o.range_contains_zero = false;
+    for (const std::string& site : block_linear_sites(cfg)) {
+      auto g = bq.learned().find(site + ".lwc_gamma");
+      if (g != bq.learned().end())
+        o.clip[site] = gptq_clip_from_lwc(g->second->value, bq.learned().at(site + ".lwc_beta")->value);
+    }
+    gptq_quantize_block(cfg, gptq, q, WeightQuantSpec{qc.wbits, qc.group_size, qc.symmetric}, o);
+    phase_end(rep.gptq_seconds);
+  }
 
   // 4. Fuse, check, and propagate the quantized stream through the final block, in place.
   {
     BlockWeights fused = bq.fused(wq, compute);
-    if (qc.method == "gptq")
+    if (uses_gptq)
       for (auto& [key, tensor] : fused.tensors) tensor.copy_from(gptq.get(key));
     OMNIQ_CHECK(all_finite(fused), "block %lld: the fused quantized weights contain NaN/Inf; nothing was written",
                 static_cast<long long>(index));
@@ -203,7 +249,7 @@ BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const
   phase_end(rep.propagate_seconds);
   rep.seconds = now_seconds() - t0;
   rep.peak_bytes = memory_stats(dev).peak_bytes;
-  if (cb.on_done) cb.on_done(bq, qc.method == "gptq" ? &gptq : nullptr, rep);
+  if (cb.on_done) cb.on_done(bq, uses_gptq ? &gptq : nullptr, rep);
   return rep;
 }
 

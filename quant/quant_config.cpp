@@ -20,6 +20,8 @@ void QuantConfig::validate() const {
               "method %s quantizes weights only: set abits 16 (use smoothquant or omniquant for weight-activation)",
               method.c_str());
   OMNIQ_CHECK(method != "smoothquant" || act_quant(), "smoothquant is a weight-activation method: set abits below 16");
+  OMNIQ_CHECK(!gptq || (method == "omniquant" && wbits < 16),
+              "gptq: true (OmniQuant-then-GPTQ) needs method omniquant and wbits below 16; for plain GPTQ use method gptq");
   auto bits_ok = [](int b) { return (b >= 2 && b <= 8) || b == 16; };
   OMNIQ_CHECK(bits_ok(wbits), "wbits %d unsupported: use 2..8, or 16 for unquantized weights", wbits);
   OMNIQ_CHECK(bits_ok(abits), "abits %d unsupported: use 2..8, or 16 for unquantized activations", abits);
@@ -46,6 +48,7 @@ std::string QuantConfig::to_json() const {
   j["lwc"] = lwc;
   j["let"] = let;
   j["aug_loss"] = aug_loss;
+  if (gptq) j["gptq"] = gptq;  // written only when on, so older state folders stay valid
   j["epochs"] = epochs;
   j["nsamples"] = nsamples;
   j["seqlen"] = seqlen;
@@ -77,6 +80,7 @@ QuantConfig QuantConfig::from_json(const std::string& text, const std::string& s
     c.lwc = j.value("lwc", c.lwc);
     c.let = j.value("let", c.let);
     c.aug_loss = j.value("aug_loss", c.aug_loss);
+    c.gptq = j.value("gptq", c.gptq);
     c.epochs = j.value("epochs", c.epochs);
     c.nsamples = j.value("nsamples", c.nsamples);
     c.seqlen = j.value("seqlen", c.seqlen);

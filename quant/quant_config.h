@@ -16,6 +16,7 @@ struct QuantConfig {
   bool lwc = true;                   // learnable weight clipping (omniquant)
   bool let = false;                  // learnable equivalent transformation (omniquant)
   bool aug_loss = false;             // + MSE(block_q(q_in), block_fp(q_in))
+  bool gptq = false;                 // omniquant: then GPTQ the LET-fused weights within the learned clipping
   int epochs = 20;
   int nsamples = 128;
   int seqlen = 2048;                 // clipped to the model's max_position_embeddings

@@ -30,6 +30,7 @@ int run_calibrate(int argc, char** argv) {
   a.flag("lwc", "learnable weight clipping");
   a.flag("let", "learnable equivalent transformation");
   a.flag("aug-loss", "add MSE against the fp block run on the quantized stream");
+  a.flag("gptq", "omniquant: after training, quantize the LET-fused weights with GPTQ inside the learned LWC clipping");
   a.option("epochs", "N", "training epochs per block", "20");
   a.option("nsamples", "N", "calibration windows", "128");
   a.option("seqlen", "N", "calibration window length (clipped to the model's maximum)", "2048");
@@ -46,6 +47,7 @@ int run_calibrate(int argc, char** argv) {
   a.example("omniq calibrate --model llama-7b --method omniquant --wbits 3 --lwc --epochs 20 --out out/llama7b-w3");
   a.example("omniq calibrate --model opt-1.3b --wbits 4 --abits 4 --lwc --let --alpha 0.75 --out out/opt-w4a4");
   a.example("omniq calibrate --model llama-7b --method gptq --wbits 3 --group-size 128 --out out/llama7b-gptq");
+  a.example("omniq calibrate --model llama-7b --wbits 3 --lwc --epochs 20 --gptq --out out/llama7b-omni-gptq  # OmniQuant then GPTQ");
   a.example("omniq calibrate --model opt-1.3b --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --out out/opt-sq");
   if (!a.parse(argc, argv)) return 0;
   OMNIQ_CHECK(a.has("model") && a.has("out"), "omniq calibrate: --model DIR and --out DIR are required (see --help)");
@@ -64,6 +66,7 @@ int run_calibrate(int argc, char** argv) {
   q.lwc = a.flag_set("lwc");
   q.let = a.flag_set("let");
   q.aug_loss = a.flag_set("aug-loss");
+  q.gptq = a.flag_set("gptq");
   q.epochs = a.get_int("epochs");
   q.nsamples = a.get_int("nsamples");
   q.seqlen = a.get_int("seqlen");
