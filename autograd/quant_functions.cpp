@@ -16,8 +16,7 @@ Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const 
     inputs.push_back(gamma);
     inputs.push_back(beta);
   }
-  VarData* out = y.get();  // owned by the node that owns the closure: outlives every call of it
-  t.record(inputs, y, [w, spec, gamma, beta, out](const Tensor& dy) {
+  t.record(inputs, y, [w, spec, gamma, beta](const Tensor& dy) {
     // dy is handed to the op in whatever dtype it arrived (f32 from the dW GEMM, or bf16).
     FakeQuantWeightGrads gr = fake_quant_weight_backward(dy, w->value, spec, gamma ? &gamma->value : nullptr,
                                                          beta ? &beta->value : nullptr, w->requires_grad);
@@ -26,16 +25,11 @@ Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const 
       accumulate_grad(*gamma, std::move(gr.dgamma));
       accumulate_grad(*beta, std::move(gr.dbeta));
     }
-    // An intermediate's gradient is dropped once its node ran; `out` is flagged as a parameter (see
-    // below), which Tape::backward would keep: drop it here (dy is not used after this point).
-    if (out->is_parameter) out->grad = Tensor();
   });
-  // accumulate_grad stores a non-parameter's gradient in its value's dtype: for a bf16 ŵ that would
-  // convert the f32 dW to bf16 (one pass over the weight) only for the backward to read it back.
-  // A parameter's gradient is kept in f32, so flag ŵ as one. It is no leaf anyone trains (it is in
-  // no parameter list, and its gradient is released above). TODO(lead): replace with a per-Var
-  // gradient dtype in autograd/tape.h (VarData::grad_dtype) when the tape grows one.
-  if (y->requires_grad && out_dtype != DType::f32) y->is_parameter = true;
+  // accumulate_grad stores an intermediate's gradient in its value's dtype: for a bf16 ŵ that would
+  // convert the f32 dW to bf16 (one pass over the weight) only for the backward to read it back,
+  // and round the LWC gradients' inputs. Keep it in f32.
+  y->f32_grad = true;
   return y;
 }
 

@@ -24,7 +24,7 @@ void accumulate_grad(VarData& v, Tensor g) {
   OMNIQ_CHECK(g.numel() == v.value.numel(), "gradient %s does not match value %s of '%s'", g.str().c_str(),
               v.value.str().c_str(), v.name.c_str());
   if (g.shape() != v.value.shape()) g = g.reshape(v.value.shape());
-  DType want = v.is_parameter ? DType::f32 : v.value.dtype();
+  DType want = v.is_parameter || v.f32_grad ? DType::f32 : v.value.dtype();
   if (!v.grad.defined()) {
     v.grad = g.dtype() == want ? std::move(g) : g.to(want);
     return;

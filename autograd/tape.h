@@ -27,6 +27,8 @@ struct VarData {
   Tensor grad;                 // undefined until a gradient arrives
   bool requires_grad = false;  // true for parameters and anything computed from them
   bool is_parameter = false;   // a leaf the user trains; its grad is f32 and persists
+  bool f32_grad = false;       // keep this intermediate's gradient in f32 whatever its value's dtype
+                               // (a bf16 ŵ whose dW comes from the GEMM in f32 and is read as such)
   std::string name;
 };
 using Var = std::shared_ptr<VarData>;
@@ -36,8 +38,8 @@ Var constant(Tensor value, std::string name = "");
 // A trainable leaf: value should be f32; its gradient is f32 and accumulates across backward().
 Var parameter(Tensor value, std::string name = "");
 
-// Adds `g` into v->grad (allocating it on first use, in f32 for parameters and in the value's
-// dtype otherwise). No-op when v does not require grad.
+// Adds `g` into v->grad (allocating it on first use: in f32 for parameters and f32_grad Vars, in
+// the value's dtype otherwise). No-op when v does not require grad.
 void accumulate_grad(VarData& v, Tensor g);
 void zero_grad(const std::vector<Var>& params);
 
