@@ -9,6 +9,7 @@
 #include "experiments/calib_bench.h"
 #include "experiments/cli/args.h"
 #include "experiments/cli/commands.h"
+#include "experiments/cli/quant_flags.h"
 #include "models/model_shapes.h"
 #include "models/safetensors_writer.h"
 #include "runtime/error.h"
@@ -46,20 +47,8 @@ int run_bench_calibrate(int argc, char** argv) {
          "docs/performance.md (GEMMs + causal attention; elementwise work not counted).");
   a.option("shape", "NAME", known_shapes(), "llama2-7b");
   a.option("blocks", "K", "blocks to run in sequence (the estimate uses blocks 1.. when K > 1)", "1");
-  a.option("method", "M", "omniquant | rtn | gptq | awq | smoothquant (FLOPs count only passes + training)", "omniquant");
-  a.option("wbits", "N", "weight bits 2..8 (16 = keep weights)", "4");
-  a.option("abits", "N", "activation bits 2..8 (16 = keep activations)", "16");
-  a.option("group-size", "G", "weight group size (0 = per output channel)", "128");
-  a.flag("symmetric", "symmetric weight quantization");
-  a.flag("lwc", "learnable weight clipping (on when neither --lwc nor --let is given)");
-  a.flag("let", "learnable equivalent transformation");
-  a.flag("aug-loss", "add MSE against the fp block run on the quantized stream (a third stream buffer)");
-  a.option("epochs", "N", "training epochs per block", "20");
-  a.option("nsamples", "N", "calibration windows N", "128");
-  a.option("seqlen", "T", "tokens per window (clipped to the shape's 2048)", "2048");
-  a.option("alpha", "A", "LET init / SmoothQuant exponent", "0.5");
-  a.option("device", "DEV", "cpu, cuda or cuda:N", cuda_available() ? "cuda" : "cpu");
-  a.option("dtype", "T", "compute dtype on CUDA: bf16 or f32 (the CPU computes in f32)", "bf16");
+  add_quant_flags(a, "128");
+  add_device_flags(a);
   a.option("peak", "TFLOPS", "the device's dense peak in the compute dtype, for % of peak (H100 SXM bf16: 989)", "989");
   a.option("seed", "N", "seed of the random weights and inputs", "0");
   a.option("json", "FILE", "also write the numbers as JSON");
@@ -67,39 +56,20 @@ int run_bench_calibrate(int argc, char** argv) {
   a.example("omniq bench calibrate --shape llama2-7b --blocks 3 --wbits 3 --group-size 128 --lwc --epochs 2");
   a.example("omniq bench calibrate --shape llama2-70b --lwc --epochs 2 --nsamples 128   # 80 layers estimated");
   a.example("omniq bench calibrate --shape opt-6.7b --wbits 4 --abits 4 --group-size 0 --lwc --let --aug-loss --epochs 2");
-  a.example("omniq bench calibrate --shape tiny --device cpu --nsamples 4 --seqlen 64 --lwc --epochs 2   # smoke test");
+  a.example("omniq bench calibrate --shape tiny --device cpu --group-size 32 --nsamples 4 --seqlen 64 --lwc --epochs 2   # smoke test");
   if (!a.parse(argc, argv)) return 0;
 
   CalibBenchOptions o;
   o.shape = a.get("shape");
   OMNIQ_CHECK(has_model_shape(o.shape), "--shape %s: unknown shape (known: %s)", o.shape.c_str(), known_shapes().c_str());
   o.blocks = a.get_int("blocks");
+  o.qc = read_quant_flags(a);
   QuantConfig& q = o.qc;
-  q.method = a.get("method");
-  q.wbits = a.get_int("wbits");
-  q.abits = a.get_int("abits");
-  q.group_size = a.get_int("group-size");
-  q.symmetric = a.flag_set("symmetric");
-  q.lwc = a.flag_set("lwc");
-  q.let = a.flag_set("let");
-  q.aug_loss = a.flag_set("aug-loss");
-  q.epochs = a.get_int("epochs");
-  q.nsamples = a.get_int("nsamples");
-  q.seqlen = a.get_int("seqlen");
-  q.let_alpha = static_cast<float>(a.get_double("alpha"));
-  if (q.method != "omniquant") {
-    OMNIQ_CHECK(!q.lwc && !q.let, "--method %s takes no --lwc/--let (those are OmniQuant's)", q.method.c_str());
-    q.epochs = 0;
-  } else {
-    if (!q.lwc && !q.let) q.lwc = true;  // the paper's weight-only recipe when neither is named
-  }
+  if (q.method == "omniquant" && !q.lwc && !q.let) q.lwc = true;  // the paper's weight-only recipe
   q.validate();
-  o.device = Device::parse(a.get("device"));
-  OMNIQ_CHECK(o.device.is_cpu() || cuda_available(), "--device %s: no CUDA device visible; use --device cpu",
-              o.device.str().c_str());
-  std::string dt = a.get("dtype");
-  OMNIQ_CHECK(dt == "bf16" || dt == "f32", "--dtype %s: use bf16 or f32", dt.c_str());
-  o.compute = o.device.is_cpu() || dt == "f32" ? DType::f32 : DType::bf16;
+  DeviceChoice dc = read_device_flags(a);
+  o.device = dc.device;
+  o.compute = dc.compute;
   o.peak_tflops = a.get_double("peak");
   o.seed = static_cast<uint64_t>(a.get_int("seed"));
 
