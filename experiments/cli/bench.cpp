@@ -10,7 +10,9 @@
 #include "experiments/cli/args.h"
 #include "experiments/cli/commands.h"
 #include "experiments/cli/quant_flags.h"
+#include "models/model_config.h"
 #include "models/model_shapes.h"
+#include "ops/fake_quant.h"
 #include "models/safetensors_writer.h"
 #include "runtime/error.h"
 #include "runtime/tensor.h"
@@ -76,6 +78,11 @@ int run_bench_calibrate(int argc, char** argv) {
   ModelConfig cfg = model_shape(o.shape);
   OMNIQ_CHECK(o.blocks >= 1 && o.blocks <= cfg.num_layers, "--blocks %lld: use 1..%lld (the layers of %s)",
               static_cast<long long>(o.blocks), static_cast<long long>(cfg.num_layers), o.shape.c_str());
+  // Fail before allocating the streams when the group size does not fit the shape's Linears.
+  if (q.weight_quant())
+    for (const WeightSpec& s : block_weight_specs(cfg, 0))
+      if (s.role == WeightRole::linear_weight)
+        WeightQuantSpec{q.wbits, q.group_size, q.symmetric}.validate(s.shape[1], s.key.c_str());
   std::printf("bench calibrate %s (%s): %s %s%s%s%s, %d x %d tokens, %d epochs, %lld of %lld blocks on %s %s\n",
               o.shape.c_str(), cfg.summary().c_str(), q.method.c_str(), q.setting_name().c_str(), q.lwc ? " lwc" : "",
               q.let ? " let" : "", q.aug_loss ? " aug-loss" : "", q.nsamples, q.seqlen, q.epochs,
