@@ -287,6 +287,7 @@ void RunLog::write_config(const ExperimentConfig& c, const std::string& point_na
   attr_i64(file_, "quantization.lwc", q.lwc);
   attr_i64(file_, "quantization.let", q.let);
   attr_i64(file_, "quantization.aug_loss", q.aug_loss);
+  attr_i64(file_, "quantization.gptq", q.gptq);
   attr_i64(file_, "quantization.epochs", q.epochs);
   attr_i64(file_, "quantization.nsamples", q.nsamples);
   attr_i64(file_, "quantization.seqlen", q.seqlen);
