@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "autograd/functions.h"
 #include "autograd/quant_functions.h"
 #include "ops/activation.h"
 #include "ops/elementwise.h"
+#include "ops/fake_quant_let.h"
 #include "ops/reduce.h"
 #include "runtime/error.h"
 
@@ -117,7 +119,8 @@ BlockQuantizer::BlockQuantizer(const ModelConfig& cfg, const QuantConfig& qc, co
     std::vector<float> amax = it->second.max.to_f32_vector(), amin = it->second.min.to_f32_vector();
     std::vector<float> wabs(act.size(), 0.0f);
     for (const std::string& c : p.consumers) {
-      std::vector<float> col = col_absmax(weights.get(c + ".weight")).to_f32_vector();
+      const Tensor& cw = weights.get(c + ".weight");  // may be an f16 copy (fp16-exact weights)
+      std::vector<float> col = col_absmax(cw.dtype() == DType::f16 ? cw.to(DType::f32) : cw.alias()).to_f32_vector();
       for (size_t i = 0; i < col.size(); ++i) wabs[i] = std::max(wabs[i], col[i]);
     }
     // The out pair's statistics are over o_proj's inputs (H·D); its scale lives on v's rows (Hkv·D):
@@ -186,6 +189,19 @@ ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag:
   bool is_weight = leaf == "weight";
   ag::Var v = p;
   using K = TransformPair::Kind;
+  bool is_linear = contains(block_linear_sites(cfg_), prefix);
+  bool quantize = is_linear && is_weight && qc_.weight_quant() && !skip_weight_quant_;
+  if (quantize) {
+    if (ag::Var y = fused_let_weight(t, prefix, p, weight_dtype)) return y;
+  }
+  if (is_weight && is_linear && v->value.dtype() != DType::f32) {
+    // An f16 copy of the weight (fp16-exact checkpoints): the LET ops below work in f32.
+    for (const TransformPair& pr : pairs_)
+      if (pr.producer == prefix || contains(pr.consumers, prefix)) {
+        v = ag::cast(t, v, DType::f32);
+        break;
+      }
+  }
 
   // 1. Consumer side (input columns), and the bias corrections b + W·δ with the original W.
   for (const TransformPair& pr : pairs_) {
@@ -222,15 +238,61 @@ ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag:
     v = ag::mul(t, v, s);
   }
   // 3. Weight fake-quant (+ LWC) of Linear weights.
-  bool is_linear = contains(block_linear_sites(cfg_), prefix);
-  if (is_linear && is_weight && qc_.weight_quant() && !skip_weight_quant_) {
-    auto g = learned_.find(prefix + ".lwc_gamma");
-    ag::Var gamma = g == learned_.end() ? nullptr : g->second;
-    ag::Var beta = g == learned_.end() ? nullptr : learned_.at(prefix + ".lwc_beta");
+  if (quantize) {
+    auto [gamma, beta] = lwc_of(prefix);
     v = ag::fake_quant_weight(t, v, WeightQuantSpec{qc_.wbits, qc_.group_size, qc_.symmetric}, gamma, beta,
                               weight_dtype);
   }
   return v;
+}
+
+std::pair<ag::Var, ag::Var> BlockQuantizer::lwc_of(const std::string& site) const {
+  auto g = learned_.find(site + ".lwc_gamma");
+  if (g == learned_.end()) return {nullptr, nullptr};
+  return {g->second, learned_.at(site + ".lwc_beta")};
+}
+
+ag::Var BlockQuantizer::fused_let_weight(ag::Tape& t, const std::string& site, const ag::Var& w, DType weight_dtype) {
+  // The scales this weight takes, as the op chain of transform() applies them: input columns ·
+  // (consumer of a pair), output rows ÷ (producer of out / qkt) or · (k_proj, consumer of qkt).
+  using K = TransformPair::Kind;
+  const Tensor& wv = w->value;
+  const WeightQuantSpec spec{qc_.wbits, qc_.group_size, qc_.symmetric};
+  static const bool disabled = std::getenv("OMNIQ_NO_LET_FUSION") != nullptr;  // A/B switch for measurements
+  if (disabled || pairs_.empty() || !fake_quant_let_supported(wv.size(0), wv.size(1), spec)) return nullptr;
+  std::vector<ag::Var> cols, rows;
+  bool divide = false;
+  for (const TransformPair& pr : pairs_) {
+    if (contains(pr.consumers, site) && pr.kind != K::q_rows_to_k_rows) {
+      cols.push_back(scale_of(t, pr.name, pr.kind == K::rows_to_columns));
+    }
+    if (pr.producer == site && pr.kind == K::rows_to_columns) {
+      rows.push_back(scale_of(t, pr.name, false));
+      divide = true;
+    }
+    if (pr.producer == site && pr.kind == K::q_rows_to_k_rows) {
+      rows.push_back(scale_of(t, pr.name, true));
+      divide = true;
+    }
+    if (pr.kind == K::q_rows_to_k_rows && contains(pr.consumers, site)) {
+      rows.push_back(scale_of(t, pr.name, false));
+      divide = false;
+    }
+  }
+  if (cols.empty() && rows.empty()) return nullptr;  // no LET on this weight: plain fake-quant
+  if (cols.size() > 1 || rows.size() > 1) return nullptr;  // not an architecture we know: compose
+  auto [gamma, beta] = lwc_of(site);
+  return ag::fake_quant_weight_let(t, w, spec, gamma, beta,
+                                   cols.empty() ? nullptr : cols[0], rows.empty() ? nullptr : rows[0], divide,
+                                   weight_dtype);
+}
+
+bool BlockQuantizer::fuses_all_let(const ModelConfig& cfg, const QuantConfig& qc) {
+  if (!(qc.method == "omniquant" && qc.let && qc.weight_quant())) return false;
+  if (cfg.is_opt() && qc.act_quant()) return false;  // LET shifts: bias corrections use the weights
+  const WeightQuantSpec spec{qc.wbits, qc.group_size, qc.symmetric};
+  const int64_t q_width = cfg.num_heads * cfg.head_dim;  // o_proj's input
+  return fake_quant_let_supported(1, cfg.hidden_size, spec) && fake_quant_let_supported(1, q_width, spec);
 }
 
 ag::Var BlockQuantizer::param(ag::Tape& t, const std::string& key, const ag::Var& p) {

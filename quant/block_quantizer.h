@@ -55,6 +55,11 @@ class BlockQuantizer : public BlockHooks {
   ag::Var param(ag::Tape& t, const std::string& key, const ag::Var& p) override;
   ag::Var activation(ag::Tape& t, const std::string& site, const ag::Var& x) override;
 
+  // Whether every LET-transformed Linear weight of this config goes through the fused LET +
+  // fake-quant op (ops/fake_quant_let.h), which reads the original weight in any float dtype: the
+  // calibration may then keep an f16 copy of fp16-exact weights, as without LET.
+  static bool fuses_all_let(const ModelConfig& cfg, const QuantConfig& qc);
+
   // Trainable parameters by name ("q_proj.lwc_gamma", "qkv.let_scale", "out.let_shift", ...).
   std::map<std::string, ag::Var>& learned() { return learned_; }
   std::vector<ag::Var> lwc_params() const;
@@ -75,6 +80,10 @@ class BlockQuantizer : public BlockHooks {
   ag::Var scale_of(ag::Tape& t, const std::string& pair_name, bool expand_to_q);
   ag::Var shift_of(const std::string& pair_name, bool expand_to_q) const;
   ag::Var linear_weight(ag::Tape& t, const std::string& site);  // original weight of a site (constant)
+  std::pair<ag::Var, ag::Var> lwc_of(const std::string& site) const;  // (γ, β), or nulls without LWC
+  // ŵ of a Linear weight with its LET scales through the fused op, or null where that op does not
+  // apply (no LET on the weight, bias shifts, unsupported layout): transform() then composes the ops.
+  ag::Var fused_let_weight(ag::Tape& t, const std::string& site, const ag::Var& w, DType weight_dtype);
 
   const ModelConfig& cfg_;
   QuantConfig qc_;

@@ -170,7 +170,8 @@ BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const
   const bool then_gptq = qc.method == "omniquant" && qc.gptq;  // OmniQuant-then-GPTQ
   const bool uses_gptq = qc.method == "gptq" || then_gptq;
   BlockWeights w16;
-  const bool store16 = compute != DType::f32 && !qc.let && (qc.method == "omniquant" || qc.method == "rtn") &&
+  const bool store16 = compute != DType::f32 && (qc.method == "omniquant" || qc.method == "rtn") &&
+                       (!qc.let || BlockQuantizer::fuses_all_let(cfg, qc)) &&
                        std::getenv("OMNIQ_NO_F16_WEIGHTS") == nullptr &&  // A/B switch for measurements
                        linear_weights_to_f16_if_exact(cfg, wq_f32, w16);
   const BlockWeights& wq = store16 ? w16 : wq_f32;

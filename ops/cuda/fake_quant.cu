@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "ops/cuda/elementwise_util.cuh"
+#include "ops/cuda/fake_quant_common.cuh"
 #include "ops/fake_quant.h"
 #include "runtime/cuda_context.h"
 
@@ -37,146 +38,10 @@ namespace omniq::cuda {
 
 namespace {
 
+using namespace fq;  // the shared building blocks (fake_quant_common.cuh)
+
 // ==== CUDA kernels ===========================================================================
 
-constexpr int kMaxBlock = 512;  // largest block team (launch bounds of the kernels)
-
-// Vectors a thread keeps in registers. The backward caches x and dy, so with 16-byte vectors of a
-// 16-bit x (8 elements, whose dy may be 32 bytes of f32) it keeps 4, which stays clear of spills
-// under the 128-register cap of 512-thread blocks; everything else keeps 8.
-template <int kVec, bool kBackward>
-constexpr int cache_items() { return kBackward && kVec == 8 ? 4 : 8; }
-
-// ---- storage types: fp32 in, fp32 out, round to nearest even like the host conversions -----
-
-__device__ __forceinline__ float ld_f32(float v) { return v; }
-__device__ __forceinline__ float ld_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ld_f32(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T st_as(float v);
-template <> __device__ __forceinline__ float st_as<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 st_as<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half st_as<__half>(float v) { return __float2half_rn(v); }
-
-// N consecutive elements moved as one access (two 16-byte accesses for 32 bytes). The launcher
-// checks that the pointers are aligned to min(N·sizeof(T), 16) bytes and that N divides the group.
-constexpr size_t pack_align(size_t bytes) { return bytes >= 16 ? 16 : bytes; }
-template <typename T, int N>
-struct alignas(pack_align(N * sizeof(T))) Pack { T v[N]; };
-
-template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) { return *reinterpret_cast<const Pack<T, N>*>(p); }
-
-template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* p, const float (&o)[N]) {
-  Pack<T, N> pk;
-#pragma unroll
-  for (int i = 0; i < N; ++i) pk.v[i] = st_as<T>(o[i]);
-  *reinterpret_cast<Pack<T, N>*>(p) = pk;
-}
-
-// ---- the quantizer (same operations in the same order as the CPU reference) -----------------
-
-// Integer range of the quantized values and the divisor of the scale (see levels() in the CPU file).
-struct Levels {
-  float qlo, qhi, qdiv;
-  bool symmetric;
-};
-
-__device__ __forceinline__ float sigmoid_f64(float g) {
-  return static_cast<float>(1.0 / (1.0 + exp(-static_cast<double>(g))));
-}
-
-struct GroupState {
-  float xmax, xmin, a, b, hi, lo, scale_raw, scale, zp;
-};
-
-__device__ __forceinline__ GroupState group_state(float xmax, float xmin, float a, float b, const Levels& L) {
-  GroupState s{xmax, xmin, a, b, __fmul_rn(a, xmax), __fmul_rn(b, xmin), 0.0f, 0.0f, 0.0f};
-  s.scale_raw = L.symmetric ? __fdiv_rn(fmaxf(fabsf(s.hi), fabsf(s.lo)), L.qdiv)
-                            : __fdiv_rn(__fsub_rn(s.hi, s.lo), L.qdiv);
-  s.scale = fminf(fmaxf(s.scale_raw, 1e-5f), 1e4f);
-  s.zp = L.symmetric ? 0.0f : rintf(fminf(fmaxf(__fdiv_rn(-s.lo, s.scale), -1e4f), 1e4f));
-  return s;
-}
-
-struct ElemQ {
-  float u, t, q;
-  bool in;
-};
-
-__device__ __forceinline__ ElemQ quantize(float x, const GroupState& s, const Levels& L) {
-  const float u = __fdiv_rn(x, s.scale), t = rintf(u);  // rint: round half to even
-  const float v = __fadd_rn(t, s.zp);
-  return {u, t, fminf(fmaxf(v, L.qlo), L.qhi), v >= L.qlo && v <= L.qhi};
-}
-
-__device__ __forceinline__ float dequantize(const ElemQ& e, const GroupState& s) {
-  return __fmul_rn(__fsub_rn(e.q, s.zp), s.scale);
-}
-
-// Which group this thread works on and where it sits in its team. team > 0: warp teams of `team`
-// lanes (a power of two, 4..32); team == 0: the whole block owns one group.
-struct TeamPos {
-  bool block_team;
-  int size, lane;
-  int64_t group;
-};
-
-__device__ __forceinline__ TeamPos team_pos(int team) {
-  if (team == 0) return {true, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), blockIdx.x};
-  return {false, team, static_cast<int>(threadIdx.x) & (team - 1),
-          blockIdx.x * static_cast<int64_t>(blockDim.x / team) + threadIdx.x / team};
-}
-
-// Reduces v[0..N) over the team with op; every thread of the team gets the same result (a xor
-// butterfly, then for block teams the per-warp results in warp order, so the result does not
-// depend on timing). All 32 lanes of every warp must call it. smem: 32·N floats; the leading
-// barrier allows repeated calls.
-template <int N, typename Op>
-__device__ __forceinline__ void team_reduce(float* v, Op op, const TeamPos& tp, float* smem) {
-  const int width = tp.block_team ? 32 : tp.size;
-  for (int o = width / 2; o > 0; o >>= 1) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], o));
-  }
-  if (tp.block_team) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    __syncthreads();
-    if (lane == 0) {
-#pragma unroll
-      for (int k = 0; k < N; ++k) smem[warp * N + k] = v[k];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      float r = smem[k];
-      for (int w = 1; w < nwarps; ++w) r = op(r, smem[w * N + k]);
-      v[k] = r;
-    }
-  }
-}
-
-// σ(γ_k), σ(β_k) of the thread's group. The fp64 exp is the costliest per-group step, so one warp
-// instruction stream computes both: even lanes σ(γ), odd lanes σ(β), then every lane takes them from
-// its team's first two lanes (a block team's group is the same for the whole warp). All 32 lanes
-// must call it; k must be a valid index.
-__device__ __forceinline__ void lwc_sigmoids(const float* gamma, const float* beta, int64_t k, const TeamPos& tp,
-                                             float& a, float& b) {
-  a = b = 1.0f;
-  if (!gamma) return;
-  const int wl = threadIdx.x & 31;
-  const float s = sigmoid_f64((wl & 1) ? beta[k] : gamma[k]);
-  const int first = tp.block_team ? 0 : (wl & ~(tp.size - 1));
-  a = __shfl_sync(0xffffffffu, s, first);
-  b = __shfl_sync(0xffffffffu, s, first + 1);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void unpack(const Pack<T, N>& pk, float (&v)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = ld_f32(pk.v[i]);
-}
 
 // Visits a thread's vectors of a group: cached(j, c) for the ones in registers (j < kItems, fully
 // unrolled so xr[j] stays in registers), extra(c) for the excess of very long groups.
@@ -287,7 +152,11 @@ __global__ void __launch_bounds__(kMaxBlock)
 
   const bool want_dx = dx != nullptr;  // uniform over the launch: every thread takes the same branches
   float acc[3] = {0.0f, 0.0f, 0.0f};   // dscale, #(x == xmax), #(x == xmin) (exact up to 2^24)
-  auto accumulate = [&](const Pack<TX, kVec>& xp, const Pack<TG, kVec>& gp) {
+  // The STE decision of each cached element, one bit each, so the dx pass needs no second division
+  // (the quantizer is most of the instructions of this memory-bound kernel).
+  static_assert(kItems * kVec <= 32, "the STE mask is one 32-bit word");
+  uint32_t in_mask = 0;
+  auto accumulate = [&](const Pack<TX, kVec>& xp, const Pack<TG, kVec>& gp, int j) {
     float v[kVec], g[kVec];
     unpack(xp, v);
     unpack(gp, g);
@@ -298,12 +167,13 @@ __global__ void __launch_bounds__(kMaxBlock)
       if (want_dx) {
         acc[1] += v[i] == s.xmax ? 1.0f : 0.0f;
         acc[2] += v[i] == s.xmin ? 1.0f : 0.0f;
+        if (j >= 0) in_mask |= e.in ? (1u << (j * kVec + i)) : 0u;
       }
     }
   };
   if (t.valid)
-    sweep<kItems>(t.c0, t.step, n, [&](int j, int) { accumulate(xr[j], gr[j]); },
-                  [&](int c) { accumulate(load_pack<TX, kVec>(xg + c), load_pack<TG, kVec>(gg + c)); });
+    sweep<kItems>(t.c0, t.step, n, [&](int j, int) { accumulate(xr[j], gr[j], j); },
+                  [&](int c) { accumulate(load_pack<TX, kVec>(xg + c), load_pack<TG, kVec>(gg + c), -1); });
   auto sum = [](float p, float q) { return p + q; };
   if (want_dx) team_reduce<3>(acc, sum, t.tp, smem);
   else team_reduce<1>(acc, sum, t.tp, smem);
@@ -330,22 +200,22 @@ __global__ void __launch_bounds__(kMaxBlock)
   if (!want_dx) return;
   const float share_max = dxmax / acc[1], share_min = dxmin / acc[2];
   TX* dxg = dx + t.off;
-  auto emit = [&](const Pack<TX, kVec>& xp, const Pack<TG, kVec>& gp, int c) {
+  auto emit = [&](const Pack<TX, kVec>& xp, const Pack<TG, kVec>& gp, int c, int j) {
     float v[kVec], g[kVec], o[kVec];
     unpack(xp, v);
     unpack(gp, g);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const ElemQ e = quantize(v[i], s, L);
-      float d = e.in ? g[i] : 0.0f;
+      const bool in = j >= 0 ? ((in_mask >> (j * kVec + i)) & 1u) != 0 : quantize(v[i], s, L).in;
+      float d = in ? g[i] : 0.0f;
       d = __fadd_rn(d, v[i] == s.xmax ? share_max : 0.0f);
       d = __fadd_rn(d, v[i] == s.xmin ? share_min : 0.0f);
       o[i] = d;
     }
     store_pack<TX, kVec>(dxg + c, o);
   };
-  sweep<kItems>(t.c0, t.step, n, [&](int j, int c) { emit(xr[j], gr[j], c); },
-                [&](int c) { emit(load_pack<TX, kVec>(xg + c), load_pack<TG, kVec>(gg + c), c); });
+  sweep<kItems>(t.c0, t.step, n, [&](int j, int c) { emit(xr[j], gr[j], c, j); },
+                [&](int c) { emit(load_pack<TX, kVec>(xg + c), load_pack<TG, kVec>(gg + c), c, -1); });
 }
 
 // y = sign(s)·max(|s|, floor), sign(0) = +1 (NaN stays NaN).
@@ -362,10 +232,6 @@ __global__ void abs_floor_kernel(const T* __restrict__ s, T* __restrict__ y, int
 
 constexpr int kTeamBlock = 256;  // threads per block when warp teams own the groups
 
-Levels make_levels(const GroupQuantParams& p) {
-  const float qhi = static_cast<float>(p.symmetric ? (1 << (p.bits - 1)) - 1 : (1 << p.bits) - 1);
-  return {p.symmetric ? -static_cast<float>(1 << (p.bits - 1)) : 0.0f, qhi, qhi, p.symmetric};
-}
 
 struct GroupLaunch {
   int team;  // 4..32 lanes, or 0 = the whole block
@@ -373,11 +239,6 @@ struct GroupLaunch {
   dim3 grid, block;
 };
 
-// A pointer of dtype dt accessed `pack` elements at a time.
-bool pack_ok(const void* p, DType dt, int64_t pack) {
-  const size_t align = pack_align(static_cast<size_t>(pack) * dtype_size(dt));
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % align == 0;
-}
 
 // Vector accesses need the group length to be a multiple of the pack (16 bytes of x) and every
 // pointer aligned for its own pack. Teams are sized so that each thread holds ≈4 (warp teams) or
@@ -411,31 +272,6 @@ GroupLaunch group_launch(int64_t groups, int64_t n, DType xdt, std::initializer_
   return l;
 }
 
-template <typename T> struct Tag { using type = T; };
-
-// Calls f(Tag<T>{}) with T the CUDA storage type of a float dtype.
-template <typename F>
-void dispatch_float(DType dt, const char* op, F&& f) {
-  switch (dt) {
-    case DType::f32: f(Tag<float>{}); return;
-    case DType::bf16: f(Tag<__nv_bfloat16>{}); return;
-    case DType::f16: f(Tag<__half>{}); return;
-    default: OMNIQ_FAIL("%s: the CUDA kernels support f32, bf16 and f16 tensors, got %s", op, dtype_name(dt));
-  }
-}
-
-// Calls f(Tag<TX>, Tag<TO>, vec width constant) for x's dtype, the other tensor's dtype and the
-// launch's access width.
-template <typename F>
-void dispatch_pair(DType xdt, DType odt, bool vec, const char* op, F&& f) {
-  dispatch_float(xdt, op, [&](auto xt) {
-    using TX = typename decltype(xt)::type;
-    dispatch_float(odt, op, [&](auto ot) {
-      if (vec) f(xt, ot, std::integral_constant<int, static_cast<int>(16 / sizeof(TX))>{});
-      else f(xt, ot, std::integral_constant<int, 1>{});
-    });
-  });
-}
 
 }  // namespace
 
