@@ -22,7 +22,11 @@ Var linear(Tape& t, const Var& x, const Var& w, const Var& b) {
   t.record(b ? std::vector<Var>{x, w, b} : std::vector<Var>{x, w}, y,
            [x, w, b](const Tensor& dy) {
              bool need_db = b && b->requires_grad;
-             LinearGrads g = linear_backward(dy, x->value, w->value, x->requires_grad, w->requires_grad, need_db);
+             // A compute-dtype weight that is not a parameter (a fake-quantized ŵ) takes its gradient
+             // in its own dtype, as PyTorch autocast does, unless it asks for f32 (f32_grad).
+             const DType dw_dtype = w->is_parameter || w->f32_grad ? DType::f32 : w->value.dtype();
+             LinearGrads g = linear_backward(dy, x->value, w->value, x->requires_grad, w->requires_grad, need_db,
+                                             dw_dtype);
              accumulate_grad(*x, std::move(g.dx));
              accumulate_grad(*w, std::move(g.dw));
              if (need_db) accumulate_grad(*b, std::move(g.db));

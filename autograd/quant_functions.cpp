@@ -1,9 +1,21 @@
 #include "autograd/quant_functions.h"
 
+#include <cstdlib>
+
 #include "ops/embedding.h"
 #include "runtime/error.h"
 
 namespace omniq::ag {
+
+namespace {
+// A bf16 ŵ's gradient comes out of the dW GEMM in bf16 (as under PyTorch autocast, where the grad of
+// the bf16 weight copy is bf16): half the bytes of f32 written by the GEMM and read by the quantizer's
+// backward, which accumulates in fp32 anyway. OMNIQ_F32_WEIGHT_GRADS=1 keeps it in f32 (A/B switch).
+bool f32_weight_grads() {
+  static const bool on = std::getenv("OMNIQ_F32_WEIGHT_GRADS") != nullptr;
+  return on;
+}
+}  // namespace
 
 Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta,
                       DType out_dtype) {
@@ -26,15 +38,42 @@ Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const 
       accumulate_grad(*beta, std::move(gr.dbeta));
     }
   });
-  // accumulate_grad stores an intermediate's gradient in its value's dtype: for a bf16 ŵ that would
-  // convert the f32 dW to bf16 (one pass over the weight) only for the backward to read it back,
-  // and round the LWC gradients' inputs. Keep it in f32.
-  y->f32_grad = true;
+  y->f32_grad = f32_weight_grads();
   return y;
 }
 
 Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta) {
   return fake_quant_weight(t, w, spec, gamma, beta, w->value.dtype());
+}
+
+Var fake_quant_weight_let(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta,
+                          const Var& col, const Var& row, bool row_divide, DType out_dtype) {
+  OMNIQ_CHECK((gamma == nullptr) == (beta == nullptr),
+              "fake_quant_weight_let: give both LWC gamma and beta, or neither");
+  auto scales = [col, row, row_divide] {
+    LetScales s;
+    s.col = col ? &col->value : nullptr;
+    s.row = row ? &row->value : nullptr;
+    s.row_divide = row_divide;
+    return s;
+  };
+  Var y = constant(fake_quant_let_forward(w->value, spec, gamma ? &gamma->value : nullptr,
+                                          beta ? &beta->value : nullptr, scales(), out_dtype));
+  std::vector<Var> inputs;
+  for (const Var& v : {gamma, beta, col, row})
+    if (v) inputs.push_back(v);
+  t.record(inputs, y, [w, spec, gamma, beta, col, row, scales](const Tensor& dy) {
+    FakeQuantLetGrads gr = fake_quant_let_backward(dy, w->value, spec, gamma ? &gamma->value : nullptr,
+                                                   beta ? &beta->value : nullptr, scales());
+    if (gamma) {
+      accumulate_grad(*gamma, std::move(gr.dgamma));
+      accumulate_grad(*beta, std::move(gr.dbeta));
+    }
+    if (col) accumulate_grad(*col, std::move(gr.dcol));
+    if (row) accumulate_grad(*row, std::move(gr.drow));
+  });
+  y->f32_grad = f32_weight_grads();
+  return y;
 }
 
 Var fake_quant_act(Tape& t, const Var& x, int bits) {

@@ -3,17 +3,24 @@
 #pragma once
 #include "autograd/tape.h"
 #include "ops/fake_quant.h"
+#include "ops/fake_quant_let.h"
 
 namespace omniq::ag {
 
 // Weight fake-quant with optional LWC: gamma/beta may be null (plain min-max RTN). The result is
 // in out_dtype (default: w's): quantizing an f32 weight straight to the bf16 compute dtype is one
-// op, bit-identical to fake-quant in f32 followed by cast(). With a lower-precision result, the
-// result's gradient is still kept in f32 (the dW GEMM writes f32) and handed to the op's backward
-// as it is, so no conversion kernel runs in either direction.
+// op, bit-identical to fake-quant in f32 followed by cast(). With a bf16/f16 result, the result's
+// gradient comes from the dW GEMM in that dtype (as under PyTorch autocast; OMNIQ_F32_WEIGHT_GRADS=1
+// keeps it f32) and is handed to the op's backward as it is: no conversion kernel either way.
 Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta,
                       DType out_dtype);
 Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta);
+// Weight fake-quant of the LET-transformed weight u = (w·col_j) ÷ row_i (row_divide) or · row_i, in
+// one op (ops/fake_quant_let.h): w is a constant (the original weight), gradients flow to γ, β and
+// the scale vectors col [in] / row [out] (either may be null). Check fake_quant_let_supported()
+// first. The result's gradient dtype follows fake_quant_weight's.
+Var fake_quant_weight_let(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta,
+                          const Var& col, const Var& row, bool row_divide, DType out_dtype);
 // Per-token (per row of the last dim) dynamic activation fake-quant; bits >= 16 is the identity.
 Var fake_quant_act(Tape& t, const Var& x, int bits);
 // sign(s)·max(|s|, floor), gradient passed straight through.

@@ -58,8 +58,10 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
 }
 
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
-                            bool need_db) {
+                            bool need_db, DType dw_dtype) {
   const char* op = "linear_backward";
+  OMNIQ_CHECK(dw_dtype == DType::f32 || dw_dtype == x.dtype(), "%s: dw_dtype %s must be f32 or x's dtype %s", op,
+              dtype_name(dw_dtype), dtype_name(x.dtype()));
   check_linear_operands(x, w, op);
   check_defined(dy, op, "dy");
   OMNIQ_CHECK(dy.dtype() == x.dtype(), "%s: dy %s must have x's dtype %s", op, dy.str().c_str(),
@@ -71,12 +73,14 @@ LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, 
   if (!need_dx && !need_dw && !need_db) return {};
   if (x.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
-    return cuda::linear_backward(dy, x, w, need_dx, need_dw, need_db);
+    return cuda::linear_backward(dy, x, w, need_dx, need_dw, need_db, dw_dtype);
 #else
     no_cuda(op, x);
 #endif
   }
-  return cpu::linear_backward(dy, x, w, need_dx, need_dw, need_db);
+  LinearGrads g = cpu::linear_backward(dy, x, w, need_dx, need_dw, need_db);
+  if (g.dw.defined() && g.dw.dtype() != dw_dtype) g.dw = g.dw.to(dw_dtype);
+  return g;
 }
 
 Tensor bmm(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,

@@ -16,14 +16,16 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias = nul
 
 // Gradients of linear_forward for an upstream gradient dy [..., N] (x's dtype):
 //   dx = dy · W       [..., K] in x's dtype
-//   dw = dyᵀ · X      [N, K]   in f32 (it feeds fp32 parameter gradients)
+//   dw = dyᵀ · X      [N, K]   in dw_dtype: f32 (default: it feeds fp32 parameter gradients) or x's
+//                              dtype (a bf16 fake-quantized weight's gradient, as under autocast:
+//                              half the bytes written and read back); fp32 accumulation either way
 //   db = Σ_rows dy    [N]      in f32
 // Gradients not requested are left undefined. Fresh tensors: the caller accumulates.
 struct LinearGrads {
   Tensor dx, dw, db;
 };
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
-                            bool need_db);
+                            bool need_db, DType dw_dtype = DType::f32);
 
 // Batched C[i] = alpha · op(A[i]) · op(B[i]) over the leading (batch) dims.
 //   a: [..., M, K] (or [..., K, M] when trans_a), b: [..., K, N] (or [..., N, K] when trans_b),
@@ -35,7 +37,7 @@ Tensor bmm(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float a
 namespace cpu {
 Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias);
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
-                            bool need_db);
+                            bool need_db);  // dw in f32
 Tensor bmm(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha, DType out_dtype);
 }  // namespace cpu
 
@@ -43,7 +45,7 @@ Tensor bmm(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float a
 namespace cuda {
 Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias);
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
-                            bool need_db);
+                            bool need_db, DType dw_dtype);
 Tensor bmm(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha, DType out_dtype);
 
 // The raw strided-batched GEMM other CUDA ops build on (row-major, BLAS semantics as cpu::gemm_f32):

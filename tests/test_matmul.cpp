@@ -290,6 +290,27 @@ TEST(MatmulCuda, LinearBackwardMatchesCpu) {
     }
 }
 
+// dW in the compute dtype (a fake-quantized weight's gradient, as under autocast): the f32 result
+// rounded once, so within one bf16/f16 ulp (2^-8 relative) of the CPU's f32 dW; dx/db unchanged.
+TEST(MatmulCuda, LinearBackwardWeightGradInComputeDtype) {
+  OMNIQ_REQUIRE_CUDA();
+  for (DType dt : {DType::bf16, DType::f16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    Tensor x = Tensor::uniform(Shape{2, 64, 96}, -1, 1, 310, dt);
+    Tensor w = Tensor::uniform(Shape{80, 96}, -1, 1, 311, dt);
+    Tensor dy = Tensor::uniform(Shape{2, 64, 80}, -1, 1, 312, dt);
+    LinearGrads ref = linear_backward(dy, x, w, false, true, false);
+    LinearGrads got = linear_backward(dy.to(Device::cuda()), x.to(Device::cuda()), w.to(Device::cuda()), false, true,
+                                      false, dt);
+    ASSERT_EQ(got.dw.dtype(), dt);
+    EXPECT_TRUE(all_close(got.dw.to(Device::cpu()).to(DType::f32), ref.dw, 1e-3f, 1e-2f));
+    EXPECT_FALSE(got.dx.defined());
+  }
+  Tensor x = Tensor::uniform(Shape{4, 8}, -1, 1, 1, DType::bf16), w = Tensor::uniform(Shape{3, 8}, -1, 1, 2, DType::bf16);
+  Tensor dy = Tensor::uniform(Shape{4, 3}, -1, 1, 3, DType::bf16);
+  EXPECT_THROW(linear_backward(dy, x, w, false, true, false, DType::f16), Error);  // neither f32 nor x's dtype
+}
+
 // Views at odd element offsets are only 2- or 4-byte aligned: cuBLASLt must be told (it assumes 256).
 TEST(MatmulCuda, LinearOnUnalignedViews) {
   OMNIQ_REQUIRE_CUDA();

@@ -284,7 +284,7 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
 }
 
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
-                            bool need_db) {
+                            bool need_db, DType dw_dtype) {
   const int64_t R = x.rows(), K = x.cols(), N = w.size(0);
   const Device dev = x.device();
   LinearGrads out;
@@ -301,16 +301,17 @@ LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, 
     if (R > 0) gemm(g);
   }
   if (need_dw) {
-    // dW[N, K] = dY[R, N]ᵀ · X[R, K], bf16/f16 operands with an f32 result (cuBLASLt supports the mix).
+    // dW[N, K] = dY[R, N]ᵀ · X[R, K], bf16/f16 operands with an f32 (or x's dtype) result, fp32
+    // accumulation (cuBLASLt supports both mixes).
     if (R == 0) {
-      out.dw = Tensor::zeros(w.shape(), DType::f32, dev);
+      out.dw = Tensor::zeros(w.shape(), dw_dtype, dev);
     } else {
-      out.dw = Tensor::empty(w.shape(), DType::f32, dev);
+      out.dw = Tensor::empty(w.shape(), dw_dtype, dev);
       GemmArgs g;
       g.device = dev.index;
       g.trans_a = true;
       g.M = N, g.N = K, g.K = R;
-      g.ab_type = x.dtype(), g.c_type = DType::f32;
+      g.ab_type = x.dtype(), g.c_type = dw_dtype;
       g.A = dy.data(), g.lda = N;
       g.B = x.data(), g.ldb = K;
       g.C = out.dw.data(), g.ldc = K;
