@@ -134,10 +134,20 @@ void bench_attention(const Options& o, omniq::Device dev, cudaStream_t stream, c
               (long long)B, (long long)T, (long long)H, (long long)Hkv, (long long)D);
   const double fwd = time_ms(o, stream, [&]() { Tensor l; Tensor y = attention_forward(q, k, v, scale, true, &l); });
   report("attention_forward", fwd, 2 * gemm, o);
-  const double bwd = time_ms(o, stream, [&]() {
-    AttentionGrads g = attention_backward(dout, q, k, v, out, lse, scale, true);
-  });
-  report("attention_backward", bwd, 5 * gemm, o);
+  // Both backward modes (ops/attention.h: ordered fp32 adds vs fp32 atomics) for the A/B; the
+  // total below uses the process-wide one (OMNIQ_NONDETERMINISTIC_ATTENTION=1 picks atomic).
+  const bool mode0 = attention_deterministic();
+  double bwd = 0, bwd_mode[2] = {0, 0};
+  for (bool det : {true, false}) {
+    set_attention_deterministic(det);
+    bwd_mode[det] = time_ms(o, stream, [&]() {
+      AttentionGrads g = attention_backward(dout, q, k, v, out, lse, scale, true);
+    });
+    report(det ? "attention_backward (deterministic)" : "attention_backward (atomic)", bwd_mode[det], 5 * gemm, o);
+    if (det == mode0) bwd = bwd_mode[det];
+  }
+  set_attention_deterministic(mode0);
+  std::printf("deterministic backward costs %+.1f%% over atomic\n", 100.0 * (bwd_mode[1] / bwd_mode[0] - 1.0));
   report("attention forward+backward", fwd + bwd, 7 * gemm, o);
   const MemoryStats ms = memory_stats(dev);
   std::printf("scratch peak above inputs: %.1f MiB (outputs + lse/delta + fp32 dQ accumulator when flash)\n",

@@ -1,6 +1,10 @@
 // Argument validation and device dispatch for attention and the causal softmax (see ops/attention.h).
 #include "ops/attention.h"
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 #include "ops/op_checks.h"
 #include "runtime/error.h"
 
@@ -45,7 +49,23 @@ void check_square_scores(const Tensor& s, const char* op, const char* name) {
   OMNIQ_CHECK(is_attn_dtype(s.dtype()), "%s: %s %s must be f32, bf16 or f16", op, name, s.str().c_str());
 }
 
+// -1: not decided yet (the environment is read at the first query), else 0/1.
+std::atomic<int> g_deterministic{-1};
+
 }  // namespace
+
+void set_attention_deterministic(bool deterministic) { g_deterministic.store(deterministic ? 1 : 0); }
+
+bool attention_deterministic() {
+  int v = g_deterministic.load();
+  if (v < 0) {
+    const char* env = std::getenv("OMNIQ_NONDETERMINISTIC_ATTENTION");
+    const int from_env = (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 0 : 1;
+    g_deterministic.compare_exchange_strong(v, from_env);  // loses only to a concurrent explicit set
+    v = g_deterministic.load();
+  }
+  return v != 0;
+}
 
 Tensor attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
                          Tensor* lse_out) {

@@ -23,6 +23,17 @@ struct AttentionGrads {
 AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                   const Tensor& out, const Tensor& lse, float scale, bool causal);
 
+// Whether attention backwards on CUDA are bit-reproducible. The flash backward (bf16/f16, D 64/128)
+// adds dQ over key tiles, and with split query heads dK/dV over CTAs, in fp32: deterministic mode
+// fixes the order of those adds (per-tile semaphores, ops/cuda/flash_attention_backward.cu), so
+// reruns on the same inputs and GPU give identical bits; off, they go through fp32 atomics in
+// scheduling order (last-bit differences from run to run, slightly faster). The materialised and
+// CPU paths are deterministic either way. Process-wide; default on, unless the environment sets
+// OMNIQ_NONDETERMINISTIC_ATTENTION to anything but "" or "0" (read at the first query; an explicit
+// set_attention_deterministic wins over the environment).
+void set_attention_deterministic(bool deterministic);
+bool attention_deterministic();
+
 // probs[..., i, j] = softmax_j(scale · scores[..., i, j]) over j <= i, and 0 for j > i.
 // scores: [..., T, T] f32, bf16 or f16; probs has the same shape and dtype.
 Tensor causal_softmax_forward(const Tensor& scores, float scale);

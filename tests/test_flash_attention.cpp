@@ -11,8 +11,13 @@
 //   lse      rtol 1e-3, atol 2e-3           (fp32 on both sides, exact 16-bit products)
 //   dq/dk/dv bf16 rtol 3e-2, atol 3e-2·max|ref|; f16 1e-2 (P and dS rounded before their GEMMs)
 // The backward comparison feeds both backends the CUDA forward's out/lse, isolating the backward.
+// Backward tests run in both modes of the backward (deterministic: ordered fp32 adds; atomic: fp32
+// atomics in scheduling order); the deterministic mode must moreover give bitwise identical dq, dk,
+// dv on every rerun (memcmp), at shapes with long key-tile chains, kv splits and several waves.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <iostream>
 #include <vector>
 
 #include "ops/attention.h"
@@ -67,6 +72,20 @@ Inputs make_inputs(const Case& c, uint64_t seed) {
 }
 
 float grad_rel(DType dt) { return dt == DType::bf16 ? 3e-2f : 1e-2f; }
+
+// Sets the process-wide backward mode for a scope (the tests share one process).
+class ScopedDeterminism {
+ public:
+  explicit ScopedDeterminism(bool on) : saved_(attention_deterministic()) { set_attention_deterministic(on); }
+  ~ScopedDeterminism() { set_attention_deterministic(saved_); }
+  ScopedDeterminism(const ScopedDeterminism&) = delete;
+  ScopedDeterminism& operator=(const ScopedDeterminism&) = delete;
+
+ private:
+  bool saved_;
+};
+
+const char* mode_name(bool deterministic) { return deterministic ? "deterministic" : "atomic"; }
 
 // Forward (out, lse) and backward (dq, dk, dv) of one case, CUDA vs CPU.
 void check_case(const Case& c, uint64_t seed, bool backward = true) {
@@ -134,40 +153,56 @@ TEST(FlashAttentionDispatch, KvSplits) {
 // Every (dtype, D, causal, T) with GQA and with MHA, B = 2; no T is a multiple of the 64-row tile.
 TEST(FlashAttentionCuda, TileEdgesAllVariants) {
   OMNIQ_REQUIRE_CUDA();
-  uint64_t seed = 1000;
-  for (DType dt : {DType::bf16, DType::f16})
-    for (int64_t D : {64, 128})
-      for (bool causal : {true, false})
-        for (int64_t T : {1, 17, 100, 257}) {
-          check_case({2, T, 8, 2, D, causal, dt, 0.f}, seed += 10);  // GQA, G = 4
-          check_case({2, T, 4, 4, D, causal, dt, 0.f}, seed += 10);  // MHA
-        }
+  for (bool det : {true, false}) {
+    ScopedDeterminism mode(det);
+    SCOPED_TRACE(mode_name(det));
+    uint64_t seed = 1000;
+    for (DType dt : {DType::bf16, DType::f16})
+      for (int64_t D : {64, 128})
+        for (bool causal : {true, false})
+          for (int64_t T : {1, 17, 100, 257}) {
+            check_case({2, T, 8, 2, D, causal, dt, 0.f}, seed += 10);  // GQA, G = 4
+            check_case({2, T, 4, 4, D, causal, dt, 0.f}, seed += 10);  // MHA
+          }
+  }
 }
 
 // Exact tile multiples (64, 128) and MQA (every query head on one kv head, G = 8).
 TEST(FlashAttentionCuda, TileMultiplesAndMqa) {
   OMNIQ_REQUIRE_CUDA();
-  check_case({1, 64, 4, 2, 128, true, DType::bf16, 0.f}, 2000);
-  check_case({2, 128, 4, 4, 64, false, DType::bf16, 0.f}, 2010);
-  check_case({1, 200, 8, 1, 128, true, DType::bf16, 0.f}, 2020);
-  check_case({1, 200, 8, 1, 64, false, DType::f16, 0.f}, 2030);
+  for (bool det : {true, false}) {
+    ScopedDeterminism mode(det);
+    SCOPED_TRACE(mode_name(det));
+    check_case({1, 64, 4, 2, 128, true, DType::bf16, 0.f}, 2000);
+    check_case({2, 128, 4, 4, 64, false, DType::bf16, 0.f}, 2010);
+    check_case({1, 200, 8, 1, 128, true, DType::bf16, 0.f}, 2020);
+    check_case({1, 200, 8, 1, 64, false, DType::f16, 0.f}, 2030);
+  }
 }
 
 // Large scale → scores spread over ±20: softmax nearly one-hot, the running max changes from key
 // tile to key tile, so the online rescaling (alpha) of O and l is exercised for real.
 TEST(FlashAttentionCuda, PeakedSoftmax) {
   OMNIQ_REQUIRE_CUDA();
-  for (bool causal : {true, false}) {
-    check_case({2, 300, 4, 2, 64, causal, DType::bf16, 3.f}, 3000 + causal);
-    check_case({1, 300, 4, 2, 128, causal, DType::f16, 2.f}, 3010 + causal);
+  for (bool det : {true, false}) {
+    ScopedDeterminism mode(det);
+    SCOPED_TRACE(mode_name(det));
+    for (bool causal : {true, false}) {
+      check_case({2, 300, 4, 2, 64, causal, DType::bf16, 3.f}, 3000 + causal);
+      check_case({1, 300, 4, 2, 128, causal, DType::f16, 2.f}, 3010 + causal);
+    }
   }
 }
 
-// The calibration-like length with B = 2.
+// The calibration-like length with B = 2 (16 key tiles: long ordered chains).
 TEST(FlashAttentionCuda, T1024) {
   OMNIQ_REQUIRE_CUDA();
-  check_case({2, 1024, 8, 2, 128, true, DType::bf16, 0.f}, 4000);
-  check_case({2, 1024, 4, 4, 64, false, DType::f16, 0.f}, 4010);
+  for (bool det : {true, false}) {
+    ScopedDeterminism mode(det);
+    SCOPED_TRACE(mode_name(det));
+    check_case({2, 1024, 8, 2, 128, true, DType::bf16, 0.f}, 4000);
+    check_case({2, 1024, 4, 4, 64, false, DType::f16, 0.f}, 4010);
+  }
 }
 
 // lse_out = nullptr still gives the same output (the kernel always computes lse internally).
@@ -216,41 +251,165 @@ TEST(FlashAttentionCuda, LongSequenceO_T_Memory) {
 #ifdef OMNIQ_HAS_CUDA
 // Every split of the G = 4 query heads per kv head (1: one CTA loops over all 4 heads and stores
 // dK/dV; 2: two heads per CTA; 4: one each, dK/dV summed by fp32 atomics) gives the CPU gradients.
+// delta[b, h, t] = Σ_d dout ⊙ out [B, Hq, T] f32 from the 16-bit CPU values (what
+// attn_delta_kernel computes), on the GPU: the input of cuda::flash_attention_backward.
+Tensor delta_of(const Tensor& out_h, const Tensor& dout_h, const Case& c) {
+  const auto o = out_h.to_f32_vector(), g = dout_h.to_f32_vector();
+  std::vector<float> delta(static_cast<size_t>(c.B * c.Hq * c.T));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t h = 0; h < c.Hq; ++h) {
+        double acc = 0;
+        for (int64_t d = 0; d < c.D; ++d) {
+          const size_t i = static_cast<size_t>(((b * c.T + t) * c.Hq + h) * c.D + d);
+          acc += static_cast<double>(o[i]) * g[i];
+        }
+        delta[static_cast<size_t>((b * c.Hq + h) * c.T + t)] = static_cast<float>(acc);
+      }
+  return Tensor::from_f32(delta, Shape{c.B, c.Hq, c.T}, DType::f32).to(Device::cuda());
+}
+
 TEST(FlashAttentionCuda, BackwardKvSplits) {
   OMNIQ_REQUIRE_CUDA();
-  for (bool causal : {true, false})
-    for (int splits : {1, 2, 4}) {
-      const Case c{2, 150, 8, 2, 128, causal, DType::bf16, 0.f};
-      SCOPED_TRACE(testing::Message() << c << " splits=" << splits);
-      const Inputs in = make_inputs(c, 8000 + splits);
-      const Device gpu = Device::cuda();
-      const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
-      Tensor lse;
-      const Tensor out = attention_forward(q, k, v, c.sc(), causal, &lse);
-      // delta[b, h, t] = Σ_d dout ⊙ out, from the 16-bit values (what attn_delta_kernel computes).
-      const Tensor out_h = out.to(Device::cpu());
-      const auto o = out_h.to_f32_vector(), g = in.dout.to_f32_vector();
-      std::vector<float> delta(static_cast<size_t>(c.B * c.Hq * c.T));
-      for (int64_t b = 0; b < c.B; ++b)
-        for (int64_t t = 0; t < c.T; ++t)
-          for (int64_t h = 0; h < c.Hq; ++h) {
-            double acc = 0;
-            for (int64_t d = 0; d < c.D; ++d) {
-              const size_t i = static_cast<size_t>(((b * c.T + t) * c.Hq + h) * c.D + d);
-              acc += static_cast<double>(o[i]) * g[i];
-            }
-            delta[static_cast<size_t>((b * c.Hq + h) * c.T + t)] = static_cast<float>(acc);
-          }
-      const Tensor delta_d = Tensor::from_f32(delta, Shape{c.B, c.Hq, c.T}, DType::f32).to(gpu);
-      const AttentionGrads got = cuda::flash_attention_backward(dout, q, k, v, delta_d, lse, c.sc(), causal, splits);
-      const AttentionGrads want =
-          attention_backward(in.dout, in.q, in.k, in.v, out_h, lse.to(Device::cpu()), c.sc(), causal);
-      EXPECT_TRUE(close_scaled(got.dq, want.dq, 3e-2f)) << "dq";
-      EXPECT_TRUE(close_scaled(got.dk, want.dk, 3e-2f)) << "dk";
-      EXPECT_TRUE(close_scaled(got.dv, want.dv, 3e-2f)) << "dv";
+  for (bool det : {true, false})
+    for (bool causal : {true, false})
+      for (int splits : {1, 2, 4}) {
+        const Case c{2, 150, 8, 2, 128, causal, DType::bf16, 0.f};
+        SCOPED_TRACE(testing::Message() << c << " splits=" << splits << " " << mode_name(det));
+        const Inputs in = make_inputs(c, 8000 + splits);
+        const Device gpu = Device::cuda();
+        const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
+        Tensor lse;
+        const Tensor out = attention_forward(q, k, v, c.sc(), causal, &lse);
+        const Tensor out_h = out.to(Device::cpu());
+        const Tensor delta_d = delta_of(out_h, in.dout, c);
+        const AttentionGrads got =
+            cuda::flash_attention_backward(dout, q, k, v, delta_d, lse, c.sc(), causal, splits, det);
+        const AttentionGrads want =
+            attention_backward(in.dout, in.q, in.k, in.v, out_h, lse.to(Device::cpu()), c.sc(), causal);
+        EXPECT_TRUE(close_scaled(got.dq, want.dq, 3e-2f)) << "dq";
+        EXPECT_TRUE(close_scaled(got.dk, want.dk, 3e-2f)) << "dk";
+        EXPECT_TRUE(close_scaled(got.dv, want.dv, 3e-2f)) << "dv";
+      }
+}
+
+// Byte-for-byte equality of two tensors of one shape and dtype (after copying to the CPU).
+bool same_bits(const Tensor& a, const Tensor& b) {
+  const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
+  return ha.shape() == hb.shape() && ha.dtype() == hb.dtype() && std::memcmp(ha.data(), hb.data(), ha.nbytes()) == 0;
+}
+
+// Deterministic mode: three backwards on the same inputs, the third after other attention work
+// has reused the memory pool (so its scratch and turn counters land on dirty, recycled blocks),
+// must agree bit for bit, and agree with the atomic mode up to fp32 summation order. Shapes: long
+// chains of key tiles (T = 2048: 32 per query tile), full and causal, GQA with every kv split
+// (the 70B shape with the automatic split too), MQA, T off the tile grid, D 64/128, bf16/f16, and
+// grids of several waves (1024+ CTAs for ~264 resident), which is where ordering meets residency.
+// The atomic mode's run-to-run differences are printed (not asserted: they are timing-dependent)
+// to show the comparison would see them.
+TEST(FlashAttentionCuda, DeterministicBackwardIsBitwiseReproducible) {
+  OMNIQ_REQUIRE_CUDA();
+  struct DetCase {
+    Case c;
+    int splits;  // 0: automatic
+  };
+  const DetCase cases[] = {
+      {{1, 1000, 8, 2, 128, false, DType::bf16, 0.f}, 4},
+      {{1, 1000, 8, 2, 128, true, DType::bf16, 0.f}, 2},
+      {{2, 300, 8, 2, 64, true, DType::f16, 0.f}, 1},
+      {{2, 300, 8, 2, 64, false, DType::f16, 0.f}, 4},
+      {{1, 777, 8, 1, 64, false, DType::bf16, 0.f}, 8},
+      {{2, 130, 4, 4, 128, false, DType::f16, 0.f}, 0},
+      {{2, 2048, 16, 16, 128, false, DType::bf16, 0.f}, 0},  // 1024 CTAs, 32-long chains
+      {{1, 2048, 64, 8, 128, true, DType::bf16, 0.f}, 0},    // LLaMA-2-70B GQA, automatic splits
+      {{4, 2048, 32, 32, 64, true, DType::f16, 0.f}, 0},     // 4096 CTAs
+  };
+  const Device gpu = Device::cuda();
+  uint64_t seed = 9000;
+  for (const DetCase& dc : cases) {
+    const Case& c = dc.c;
+    SCOPED_TRACE(testing::Message() << c << " splits=" << dc.splits);
+    const Inputs in = make_inputs(c, seed += 10);
+    const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
+    Tensor lse;
+    const Tensor out = attention_forward(q, k, v, c.sc(), c.causal, &lse);
+    const Tensor delta = delta_of(out.to(Device::cpu()), in.dout, c);
+    auto run = [&](bool det) {
+      return cuda::flash_attention_backward(dout, q, k, v, delta, lse, c.sc(), c.causal, dc.splits, det);
+    };
+    const AttentionGrads first = run(true);
+    const AttentionGrads second = run(true);
+    // Other work in between: the atomic backward and a forward+backward of another shape.
+    const AttentionGrads atomic1 = run(false);
+    {
+      const Case o{1, 200, 4, 2, c.D, !c.causal, c.dt, 0.f};
+      const Inputs oi = make_inputs(o, seed + 5);
+      Tensor olse;
+      const Tensor oq = oi.q.to(gpu), ok = oi.k.to(gpu), ov = oi.v.to(gpu);
+      const Tensor oout = attention_forward(oq, ok, ov, o.sc(), o.causal, &olse);
+      const AttentionGrads og = attention_backward(oi.dout.to(gpu), oq, ok, ov, oout, olse, o.sc(), o.causal);
     }
+    const AttentionGrads third = run(true);
+    for (const AttentionGrads* g : {&second, &third}) {
+      const char* which = g == &second ? "second run" : "third run";
+      EXPECT_TRUE(same_bits(g->dq, first.dq)) << "dq differs on the " << which;
+      EXPECT_TRUE(same_bits(g->dk, first.dk)) << "dk differs on the " << which;
+      EXPECT_TRUE(same_bits(g->dv, first.dv)) << "dv differs on the " << which;
+    }
+    // Same math as the atomic path: only the fp32 summation order differs (≪ a 16-bit ulp of the
+    // largest entries; the CPU-reference checks of both modes are in the tests above).
+    EXPECT_TRUE(close_scaled(first.dq, atomic1.dq, 1e-2f)) << "dq vs atomic mode";
+    EXPECT_TRUE(close_scaled(first.dk, atomic1.dk, 1e-2f)) << "dk vs atomic mode";
+    EXPECT_TRUE(close_scaled(first.dv, atomic1.dv, 1e-2f)) << "dv vs atomic mode";
+    const AttentionGrads atomic2 = run(false);
+    std::cout << "[ info ] " << c << " splits=" << dc.splits << ": atomic mode reruns bitwise equal: dq "
+              << same_bits(atomic1.dq, atomic2.dq) << " dk " << same_bits(atomic1.dk, atomic2.dk) << " dv "
+              << same_bits(atomic1.dv, atomic2.dv) << "; deterministic vs atomic equal: dq "
+              << same_bits(first.dq, atomic1.dq) << "\n";
+  }
+}
+
+// The process-wide mode reaches the dispatching attention_backward (which computes delta itself):
+// deterministic, it repeats bit for bit, with dirty pool memory in between; atomic, it agrees up to
+// summation order. (Both match the CPU in the tests above.)
+TEST(FlashAttentionCuda, ProcessWideSwitchReachesDispatch) {
+  OMNIQ_REQUIRE_CUDA();
+  const Case c{1, 1000, 8, 2, 128, false, DType::bf16, 0.f};
+  const Inputs in = make_inputs(c, 9500);
+  const Device gpu = Device::cuda();
+  const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
+  Tensor lse;
+  const Tensor out = attention_forward(q, k, v, c.sc(), false, &lse);
+  AttentionGrads a, b, n;
+  {
+    ScopedDeterminism mode(true);
+    a = attention_backward(dout, q, k, v, out, lse, c.sc(), false);
+  }
+  {
+    ScopedDeterminism mode(false);
+    n = attention_backward(dout, q, k, v, out, lse, c.sc(), false);
+  }
+  {
+    ScopedDeterminism mode(true);
+    b = attention_backward(dout, q, k, v, out, lse, c.sc(), false);
+  }
+  EXPECT_TRUE(same_bits(a.dq, b.dq)) << "dq";
+  EXPECT_TRUE(same_bits(a.dk, b.dk)) << "dk";
+  EXPECT_TRUE(same_bits(a.dv, b.dv)) << "dv";
+  EXPECT_TRUE(close_scaled(n.dq, a.dq, 1e-2f)) << "dq atomic vs deterministic";
+  EXPECT_TRUE(close_scaled(n.dk, a.dk, 1e-2f)) << "dk atomic vs deterministic";
 }
 #endif
+
+// The switch itself (no GPU needed): set/get round trip, restored afterwards.
+TEST(AttentionDeterminism, SetAndQuery) {
+  const bool saved = attention_deterministic();
+  set_attention_deterministic(false);
+  EXPECT_FALSE(attention_deterministic());
+  set_attention_deterministic(true);
+  EXPECT_TRUE(attention_deterministic());
+  set_attention_deterministic(saved);
+}
 
 // Other head sizes stay on the materialised path and still work (dispatch fallback).
 TEST(FlashAttentionCuda, FallbackHeadDim) {

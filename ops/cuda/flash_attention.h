@@ -21,9 +21,12 @@ Tensor flash_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
 // dq, dk, dv in q's dtype from delta = rowsum(dout ⊙ out) [B,Hq,T] f32 and the forward's lse.
 // kv_splits: over how many CTAs the G = Hq/Hkv query heads of one kv head's key tile are spread
 // (must divide G; 0 picks flash_attention_kv_splits). Exposed so tests can force both paths.
+// deterministic: fp32 partial sums (dQ over key tiles, dK/dV over splits) are added in a fixed
+// order, so the result is bitwise reproducible; false: fp32 atomics in scheduling order. The
+// default is the process-wide attention_deterministic() (ops/attention.h).
 AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& delta, const Tensor& lse, float scale, bool causal,
-                                        int kv_splits = 0);
+                                        int kv_splits = 0, bool deterministic = attention_deterministic());
 
 // The automatic choice: the fewest splits (a divisor of G) giving >= 4 CTAs per SM, else G.
 int flash_attention_kv_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int sms);

@@ -9,6 +9,29 @@
 // balance) and adds the partial dK/dV with fp32 atomics. dQ += dS·K (dS through shared memory, as
 // it spans all 4 warps' keys) always goes through fp32 atomics into a [B,T,Hq,D] scratch that a
 // last kernel scales and converts. The next Q/dO tiles are prefetched with cp.async.
+//
+// Deterministic ("ordered") mode. fp32 atomics in scheduling order make dQ (and split dK/dV) differ
+// in the last bits from run to run. Ordered mode keeps the same atomics but fixes their order, as
+// FlashAttention-3's deterministic backward does: a zeroed int counter per (b, query head, query
+// tile) holds how many key tiles have added their dQ part; the CTA of key tile kt waits (thread 0,
+// ld.acquire) until it reads kt, adds, fences, and increments it. Key tiles thus add in ascending kt
+// (for causal: kt = 0..m, all of them contribute to tile m; full: kt = 0..nq-1), and each element's
+// sum is the same float sequence every run. Split dK/dV: a counter per (b, kv head, key tile) makes
+// the splits add in ascending split order, at the end of the CTA.
+//   Cheap because of the iteration order: in ordered mode every CTA walks its query tiles from the
+// last one down (heads innermost), so the CTAs of key tiles kt and kt-1 reach tile (h, m) at the
+// same iteration index and run in lockstep, each one dQ phase behind the previous (a constant
+// lag of kt·(dQ phase + hand-off), not one that grows per iteration; walking upwards from the
+// diagonal as the atomic mode does, CTA kt would wait one whole iteration per predecessor).
+//   Why it cannot deadlock: a CTA only ever waits for CTAs with a smaller linear block id
+// (x + y·gx + z·gx·gy): for dQ the same x (kv head, split) and z (batch) with a smaller key tile y;
+// for dK/dV the same y, z with a smaller split in x. The GPU dispatches the blocks of a grid in
+// increasing linear id (what CUTLASS's serial split-K semaphore and FA3 rely on too), so when a CTA
+// is resident all smaller ids are resident or finished. Take the smallest unfinished id: everything
+// it waits for has finished, each contributor before it incremented the counter exactly once and no
+// later one can have (it waits for this one), so the counter equals its turn and it runs to the end;
+// by induction every CTA finishes, whatever the residency (one CTA per SM would do). A wait beyond
+// 20 s traps (an error instead of a hang) should that dispatch assumption ever break.
 #include "ops/cuda/flash_attention.h"
 #include "ops/cuda/flash_attention_common.cuh"
 #include "runtime/cuda_context.h"
@@ -22,15 +45,61 @@ using namespace flash;
 // ---------------------------------------------------------------------------------------------
 // CUDA kernels
 
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+// Thread 0 spins until *ctr reaches `turn`. Its acquire load makes the adds that the previous
+// contributor fenced before incrementing visible to it; the caller's next __syncthreads() extends
+// that ordering to the whole CTA before anyone adds.
+__device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
+  if (threadIdx.x != 0) return;
+  uint64_t t0 = 0;
+  for (unsigned polls = 1; load_acquire(ctr) < turn; ++polls) {
+    __nanosleep(32);
+    if ((polls & 4095u) == 0) {
+      const uint64_t now = globaltimer_ns();
+      if (t0 == 0) {
+        t0 = now;
+      } else if (now - t0 > 20000000000ull) {
+        printf("flash_attention_backward: block (%d,%d,%d) waited 20 s for turn %d (counter %d): deadlock\n",
+               blockIdx.x, blockIdx.y, blockIdx.z, turn, load_acquire(ctr));
+        __trap();
+      }
+    }
+  }
+}
+
+// Every thread's adds are made visible GPU-wide (its own fence: they drain to L2) before thread 0
+// hands the turn on with a release increment (cumulative over the CTA through the barrier; the
+// per-thread fences make that independent of barrier cumulativity). fence.acq_rel, not
+// __threadfence()'s fence.sc: a release pattern needs no sequential consistency.
+__device__ __forceinline__ void pass_turn(int* ctr) {
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(ctr) : "memory");
+}
+
 // grid (Hkv·splits, ceil(T/64), B); key tile kt = blockIdx.y: the longest causal tiles (kt = 0)
 // start first. CTA x handles kv head x / splits and its query heads [split·hpc, (split+1)·hpc) with
 // hpc = G / splits. dk32/dv32 null: store dK/dV in E; else atomically add fp32 partials there.
+// dq_ctr non-null: ordered mode, turn counters [B][Hq][nq] for dQ, and kv_ctr [B][Hkv][nq] for the
+// split dK/dV (non-null iff ordered and splits > 1); all zero at launch.
 template <typename E, int D, bool kCausal>
 __global__ void __launch_bounds__(kThreads)
     flash_bwd_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
                      const E* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                      float* __restrict__ dq_acc, E* __restrict__ dk, E* __restrict__ dv, float* __restrict__ dk32,
-                     float* __restrict__ dv32, int seq, int Hq, int Hkv, int splits, float scale, float scale_log2) {
+                     float* __restrict__ dv32, int* __restrict__ dq_ctr, int* __restrict__ kv_ctr, int seq, int Hq,
+                     int Hkv, int splits, float scale, float scale_log2) {
   constexpr int LD = D + 8, TILE = kTile * LD, KS = D / 16, LDS = kTile + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   E* sK = reinterpret_cast<E*>(smem_raw);
@@ -41,8 +110,8 @@ __global__ void __launch_bounds__(kThreads)
   float* sL = reinterpret_cast<float*>(sdS + kTile * LDS);  // [2][64] lse·log2(e), +inf past the end
   float* sDelta = sL + 2 * kTile;                            // [2][64]
   const int G = Hq / Hkv, hpc = G / splits;
-  const int kvh = blockIdx.x / splits, kt = blockIdx.y, b = blockIdx.z;
-  const int h_first = kvh * G + (blockIdx.x % splits) * hpc;
+  const int kvh = blockIdx.x / splits, split = blockIdx.x % splits, kt = blockIdx.y, b = blockIdx.z;
+  const int h_first = kvh * G + split * hpc;
   const int n0 = kt * kTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, tq = lane & 3;
   const int64_t ldq = static_cast<int64_t>(Hq) * D, ldk = static_cast<int64_t>(Hkv) * D;
@@ -53,9 +122,23 @@ __global__ void __launch_bounds__(kThreads)
   const E* kg = k + (static_cast<int64_t>(b) * seq + n0) * ldk + static_cast<int64_t>(kvh) * D;
   const E* vg = v + (static_cast<int64_t>(b) * seq + n0) * ldk + static_cast<int64_t>(kvh) * D;
 
-  // Iteration `it` handles query head h_first + it / per_head, query tile m_first + it % per_head.
+  const bool ordered = dq_ctr != nullptr;
+  // Iteration `it` handles query head h and query tile mt. Atomic mode: heads outer, tiles upwards
+  // from the first one seeing these keys. Ordered mode: tiles downwards from the last, heads inner,
+  // so (h, mt) comes at the same `it` in every key tile's CTA (the lockstep of the header comment).
+  auto coords = [&](int it, int& h, int& mt) {
+    if (ordered) {
+      h = h_first + it % hpc;
+      mt = nq - 1 - it / hpc;
+    } else {
+      h = h_first + it / per_head;
+      mt = m_first + it % per_head;
+    }
+  };
   auto issue = [&](int it, int buf) {
-    const int h = h_first + it / per_head, m0 = (m_first + it % per_head) * kTile;
+    int h, mt;
+    coords(it, h, mt);
+    const int m0 = mt * kTile;
     const int64_t off = (static_cast<int64_t>(b) * seq + m0) * ldq + static_cast<int64_t>(h) * D;
     load_tile_async<E, D>(sQ + buf * TILE, q + off, ldq, seq - m0);
     load_tile_async<E, D>(sdO + buf * TILE, dout + off, ldq, seq - m0);
@@ -85,7 +168,9 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_wait<1>();
     __syncthreads();
     const int buf = it & 1;
-    const int h = h_first + it / per_head, m0 = (m_first + it % per_head) * kTile;
+    int h, mt;
+    coords(it, h, mt);
+    const int m0 = mt * kTile;
     const E* cQ = sQ + buf * TILE;
     const E* cdO = sdO + buf * TILE;
     const float* cL = sL + buf * kTile;
@@ -155,7 +240,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int r = 0; r < 2; ++r)
         *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + gr + 8 * r) * LDS + nt * 8 + 2 * tq) =
             pack2<E>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
-    __syncthreads();
+    // Ordered mode: key tiles add to query tile (h, mt) in ascending kt; kt = 0 goes first.
+    int* turn = ordered ? dq_ctr + (static_cast<int64_t>(b) * Hq + h) * nq + mt : nullptr;
+    if (ordered && kt > 0) wait_turn(turn, kt);
+    __syncthreads();  // sdS complete (and the turn, if waited for, acquired) for all warps
 
     // dQ (queries m0 + 16·warp ..) += dS·K: A = dS read transposed from dSᵀ, B = K rows (k = keys).
     const int qrow0 = m0 + warp * 16 + gr;
@@ -180,7 +268,18 @@ __global__ void __launch_bounds__(kThreads)
             atomic_add2(dqg + row * ldq + dp * 16 + half * 8 + 2 * tq, acc[half][2 * r], acc[half][2 * r + 1]);
         }
     }
-    __syncthreads();  // sdS and buffer `buf` are free before the next iteration overwrites them
+    // Hand the tile on unless this is its last contributor (the diagonal tile, or the last key tile).
+    if (ordered && kt < (kCausal ? mt : nq - 1))
+      pass_turn(turn);  // its __syncthreads also frees sdS and buffer `buf` for the next iteration
+    else
+      __syncthreads();  // sdS and buffer `buf` are free before the next iteration overwrites them
+  }
+
+  // Ordered split dK/dV: the splits of one (b, kv head, key tile) add in ascending split order.
+  int* kv_turn = kv_ctr != nullptr ? kv_ctr + (static_cast<int64_t>(b) * Hkv + kvh) * nq + kt : nullptr;
+  if (kv_turn != nullptr && split > 0) {
+    wait_turn(kv_turn, split);
+    __syncthreads();
   }
 
 #pragma unroll
@@ -200,6 +299,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  if (kv_turn != nullptr && split + 1 < splits) pass_turn(kv_turn);
 }
 
 // out[i] = scale · in[i] in E (the dQ scratch to q's dtype).
@@ -230,7 +330,7 @@ int flash_attention_kv_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int
 
 AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& delta, const Tensor& lse, float scale, bool causal,
-                                        int kv_splits) {
+                                        int kv_splits, bool deterministic) {
   OMNIQ_CHECK(aligned16(v) && aligned16(dout), "flash_attention_backward: v %s / dout %s not 16-byte aligned",
               v.str().c_str(), dout.str().c_str());
   const Device dev = q.device();
@@ -244,9 +344,17 @@ AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, con
   g.dq = Tensor::empty(q.shape(), q.dtype(), dev);
   g.dk = Tensor::empty(k.shape(), q.dtype(), dev);
   g.dv = Tensor::empty(k.shape(), q.dtype(), dev);
-  // dQ gathers contributions from every key tile: fp32 atomics into a zeroed scratch.
-  Tensor dq_acc = Tensor::empty(q.shape(), DType::f32, dev);
-  CUDA_CHECK(cudaMemsetAsync(dq_acc.data(), 0, static_cast<size_t>(dq_acc.numel()) * sizeof(float), stream));
+  // dQ gathers contributions from every key tile: fp32 atomics into a zeroed scratch. The ordered
+  // mode's turn counters (per (b, query head, query tile), and per (b, kv head, key tile) when
+  // split) live right behind it, so one stream-ordered memset zeroes them too (int 0 = bits of 0.f);
+  // fresh per call, so concurrent or back-to-back backwards never share counters.
+  const int64_t nq = (T + kTile - 1) / kTile;
+  const int64_t n_dq_ctr = deterministic ? B * Hq * nq : 0;
+  const int64_t n_kv_ctr = deterministic && splits > 1 ? B * Hkv * nq : 0;
+  Tensor dq_acc = Tensor::empty(Shape{q.numel() + n_dq_ctr + n_kv_ctr}, DType::f32, dev);
+  CUDA_CHECK(cudaMemsetAsync(dq_acc.data(), 0, dq_acc.nbytes(), stream));
+  int* dq_ctr = deterministic ? reinterpret_cast<int*>(dq_acc.data_as<float>() + q.numel()) : nullptr;
+  int* kv_ctr = n_kv_ctr > 0 ? dq_ctr + n_dq_ctr : nullptr;
   // Split query heads: dK/dV partials meet in zeroed fp32 buffers, converted at the end.
   Tensor dk32, dv32;
   if (splits > 1) {
@@ -267,7 +375,7 @@ AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, con
     flash_bwd_kernel<E, kD, kC><<<grid, kThreads, smem, stream>>>(
         q.data_as<E>(), k.data_as<E>(), v.data_as<E>(), dout.data_as<E>(), lse.data_as<float>(),
         delta.data_as<float>(), dq_acc.data_as<float>(), g.dk.data_as<E>(), g.dv.data_as<E>(),
-        splits > 1 ? dk32.data_as<float>() : nullptr, splits > 1 ? dv32.data_as<float>() : nullptr,
+        splits > 1 ? dk32.data_as<float>() : nullptr, splits > 1 ? dv32.data_as<float>() : nullptr, dq_ctr, kv_ctr,
         static_cast<int>(T), static_cast<int>(Hq), static_cast<int>(Hkv), splits, scale, scale * kLog2e);
     CUDA_CHECK_LAUNCH();
     const int64_t n = q.numel();
