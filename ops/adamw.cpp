@@ -7,8 +7,10 @@
 
 namespace omniq {
 
-void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWConfig& cfg, int64_t step) {
-  const char* op = "adamw_step";
+namespace {
+
+void check_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v, const AdamWConfig& cfg,
+                int64_t step, const char* op) {
   OMNIQ_CHECK(param.defined() && grad.defined() && m.defined() && v.defined(),
               "%s: param, grad, m and v must all be defined", op);
   check_dtype(param, DType::f32, op, "param");
@@ -28,6 +30,13 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
   OMNIQ_CHECK(cfg.eps > 0.0f, "%s: eps must be > 0, got %g", op, cfg.eps);
   OMNIQ_CHECK(std::isfinite(cfg.weight_decay) && cfg.weight_decay >= 0.0f, "%s: weight_decay must be >= 0, got %g",
               op, cfg.weight_decay);
+}
+
+}  // namespace
+
+void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWConfig& cfg, int64_t step) {
+  const char* op = "adamw_step";
+  check_args(param, grad, m, v, cfg, step, op);
   if (param.numel() == 0) return;
   const detail::AdamWScalars s = detail::adamw_scalars(cfg, step);
   if (param.device().is_cuda()) {
@@ -38,6 +47,30 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const A
 #endif
   } else {
     cpu::adamw_step(param, grad, m, v, s);
+  }
+}
+
+void adamw_step_many(const std::vector<AdamWParam>& ps, int64_t step) {
+  const char* op = "adamw_step_many";
+  std::vector<AdamWParam> live;
+  std::vector<detail::AdamWScalars> scalars;
+  for (const AdamWParam& p : ps) {
+    OMNIQ_CHECK(p.param && p.grad && p.m && p.v, "%s: null tensor pointer", op);
+    check_args(*p.param, *p.grad, *p.m, *p.v, p.cfg, step, op);
+    check_same_device(*p.param, *ps[0].param, op);
+    if (p.param->numel() == 0) continue;
+    live.push_back(p);
+    scalars.push_back(detail::adamw_scalars(p.cfg, step));
+  }
+  if (live.empty()) return;
+  if (live[0].param->device().is_cuda()) {
+#ifdef OMNIQ_HAS_CUDA
+    cuda::adamw_step_many(live, scalars);
+#else
+    OMNIQ_FAIL("%s: this omniq was built without CUDA, but the tensors are on a CUDA device", op);
+#endif
+  } else {
+    for (size_t i = 0; i < live.size(); ++i) cpu::adamw_step(*live[i].param, *live[i].grad, *live[i].m, *live[i].v, scalars[i]);
   }
 }
 

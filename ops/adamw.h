@@ -16,6 +16,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "runtime/tensor.h"
 
@@ -33,6 +34,18 @@ struct AdamWConfig {
 // All four are f32 with the same number of elements, on one device. step is the 1-based count of
 // this update (bias corrections use it). One fused kernel on CUDA; no host sync.
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWConfig& cfg, int64_t step);
+
+// One AdamW step for several tensors at once (each with its own config, e.g. LWC and LET learning
+// rates): the same bits as adamw_step on each, in one kernel launch on CUDA (a block's calibration
+// step updates ~20 small tensors; one launch instead of ~20 keeps launch latency off the step).
+struct AdamWParam {
+  Tensor* param;
+  const Tensor* grad;
+  Tensor* m;
+  Tensor* v;
+  AdamWConfig cfg;
+};
+void adamw_step_many(const std::vector<AdamWParam>& ps, int64_t step);
 
 // ---- shared by the CPU reference and the CUDA kernel ----------------------------------------------
 namespace detail {
@@ -87,6 +100,8 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const d
 #ifdef OMNIQ_HAS_CUDA
 namespace cuda {
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const detail::AdamWScalars& s);
+// ps on one device; scalars[i] belongs to ps[i].
+void adamw_step_many(const std::vector<AdamWParam>& ps, const std::vector<detail::AdamWScalars>& scalars);
 }
 #endif
 

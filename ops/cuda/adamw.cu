@@ -41,6 +41,28 @@ __global__ void adamw_kernel(float* __restrict__ p, const float* __restrict__ g,
   for (int64_t i = done + tid; i < n; i += nthreads) detail::adamw_update(p[i], m[i], v[i], g[i], s);
 }
 
+// Up to kManyMax tensors per launch, passed by value (≈ 2.4 KB of kernel parameters); blockIdx.y
+// picks the tensor, blockIdx.x grid-strides over it (scalar accesses: these tensors are small).
+constexpr int kManyMax = 32;
+struct ManyArgs {
+  float* p[kManyMax];
+  const float* g[kManyMax];
+  float* m[kManyMax];
+  float* v[kManyMax];
+  int64_t n[kManyMax];
+  detail::AdamWScalars s[kManyMax];
+};
+
+__global__ void adamw_many_kernel(const __grid_constant__ ManyArgs a) {
+  const int k = blockIdx.y;
+  const int64_t n = a.n[k];
+  float *p = a.p[k], *m = a.m[k], *v = a.v[k];
+  const float* g = a.g[k];
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    detail::adamw_update(p[i], m[i], v[i], g[i], a.s[k]);
+}
+
 bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
 }  // namespace
@@ -63,6 +85,29 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const d
                                                       m.data_as<float>(), v.data_as<float>(), n, s);
   }
   CUDA_CHECK_LAUNCH();
+}
+
+void adamw_step_many(const std::vector<AdamWParam>& ps, const std::vector<detail::AdamWScalars>& scalars) {
+  CudaContext& ctx = cuda_context(ps[0].param->device());
+  for (size_t first = 0; first < ps.size(); first += kManyMax) {
+    const size_t count = std::min(ps.size() - first, static_cast<size_t>(kManyMax));
+    ManyArgs a{};
+    int64_t longest = 0;
+    for (size_t i = 0; i < count; ++i) {
+      const AdamWParam& q = ps[first + i];
+      a.p[i] = q.param->data_as<float>();
+      a.g[i] = q.grad->data_as<const float>();
+      a.m[i] = q.m->data_as<float>();
+      a.v[i] = q.v->data_as<float>();
+      a.n[i] = q.param->numel();
+      a.s[i] = scalars[first + i];
+      longest = std::max(longest, a.n[i]);
+    }
+    const unsigned int cap = std::max(1, ctx.prop.multiProcessorCount) * 2u;
+    const dim3 grid(std::min(grid_for(longest, 256), cap), static_cast<unsigned int>(count));
+    adamw_many_kernel<<<grid, 256, 0, ctx.stream>>>(a);
+    CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace omniq::cuda

@@ -16,6 +16,7 @@
 //   forward 2 + 2 B/elem ≈ 0.21 ms; backward 2 (w) + 4 (dy f32) B/elem ≈ 0.31 ms,
 // against ≈ 3 ms for the op chain it replaces (several f32 weight-sized passes each way).
 #include <algorithm>
+#include <cstdlib>
 
 #include "ops/cuda/fake_quant_common.cuh"
 #include "ops/fake_quant_let.h"
@@ -119,20 +120,25 @@ __global__ void __launch_bounds__(kLetMaxBlock)
     for (int i = 0; i < kVec; ++i) cacc[j][i] = 0.0f;
   auto sum = [](float p, float q) { return p + q; };
 
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const TeamPos tp{true, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), r};
-    const TX* wr = w + r * n;
-    const TG* gr_ = dy + r * n;
-    Pack<TX, kVec> xr[kItems];
-    Pack<TG, kVec> gr[kItems];
+  // Software pipeline: the next row's w and dy are loaded while this row is worked on, so each
+  // block keeps a row's bytes in flight through its barriers and arithmetic.
+  Pack<TX, kVec> xr[kItems], xn[kItems];
+  Pack<TG, kVec> gr[kItems], gn[kItems];
+  auto load_row = [&](int64_t r, Pack<TX, kVec> (&xo)[kItems], Pack<TG, kVec> (&go)[kItems]) {
+    if (r >= rows) return;
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
       const int c = c0 + j * step;
       if (c < n) {
-        xr[j] = load_pack<TX, kVec>(wr + c);
-        gr[j] = load_pack<TG, kVec>(gr_ + c);
+        xo[j] = load_pack<TX, kVec>(w + r * n + c);
+        go[j] = load_pack<TG, kVec>(dy + r * n + c);
       }
     }
+  };
+  load_row(blockIdx.x, xr, gr);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const TeamPos tp{true, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), r};
+    load_row(r + gridDim.x, xn, gn);
     const LetRow lr{col, row != nullptr, divide, row ? row[r] : 1.0f};
     float a, b;
     lwc_sigmoids(gamma, beta, r, tp, a, b);
@@ -199,6 +205,11 @@ __global__ void __launch_bounds__(kLetMaxBlock)
     if (drow) {  // uniform over the launch
       team_reduce<1>(dr, sum, tp, smem);
       if (threadIdx.x == 0) drow[r] = dr[0] * dr_factor;
+    }
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      xr[j] = xn[j];
+      gr[j] = gn[j];
     }
   }
   if (!dcol_part) return;
@@ -286,20 +297,28 @@ void fake_quant_let_backward(const Tensor& dy, const Tensor& w, const GroupQuant
   dispatch_let(w.dtype(), dy.dtype(), op, [&](auto xt, auto gt, auto vec_c) {
     using TX = typename decltype(xt)::type;
     using TG = typename decltype(gt)::type;
-    constexpr int kVec = decltype(vec_c)::value, kItems = 32 / kVec;
-    const int block = block_for(n, kVec, kItems);
-    OMNIQ_CHECK(block <= kLetMaxBlock, "%s: rows of %lld elements are too long", op, static_cast<long long>(n));
-    auto kernel = fq_let_backward_kernel<TX, TG, kVec, kItems>;
-    // As many blocks as fit on the GPU at once, each walking rows; no more, so that the column
-    // partials ([grid, n] f32) stay small next to the weight.
-    int per_sm = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0));
-    const int64_t grid = std::min<int64_t>(rows, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
-    part = let.col ? Tensor::empty({grid, n}, DType::f32, w.device()) : Tensor();
-    kernel<<<static_cast<unsigned>(grid), block, 0, ctx.stream>>>(
-        dy.data_as<const TG>(), w.data_as<const TX>(), col, row, let.row_divide, gp, bp, dgp, dbp, drp,
-        let.col ? part.data_as<float>() : nullptr, rows, static_cast<int>(n), L);
-    CUDA_CHECK_LAUNCH();
+    constexpr int kVec = decltype(vec_c)::value;
+    // 16 elements a thread where the row allows (≤ 4096: half the registers, twice the warps per SM
+    // to hide latency with), else 32.
+    auto launch = [&](auto items_c) {
+      constexpr int kItems = decltype(items_c)::value;
+      const int block = block_for(n, kVec, kItems);
+      OMNIQ_CHECK(block <= kLetMaxBlock, "%s: rows of %lld elements are too long", op, static_cast<long long>(n));
+      auto kernel = fq_let_backward_kernel<TX, TG, kVec, kItems>;
+      // As many blocks as fit on the GPU at once, each walking rows; no more, so that the column
+      // partials ([grid, n] f32) stay small next to the weight.
+      int per_sm = 0;
+      CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0));
+      const int64_t grid = std::min<int64_t>(rows, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
+      part = let.col ? Tensor::empty({grid, n}, DType::f32, w.device()) : Tensor();
+      kernel<<<static_cast<unsigned>(grid), block, 0, ctx.stream>>>(
+          dy.data_as<const TG>(), w.data_as<const TX>(), col, row, let.row_divide, gp, bp, dgp, dbp, drp,
+          let.col ? part.data_as<float>() : nullptr, rows, static_cast<int>(n), L);
+      CUDA_CHECK_LAUNCH();
+    };
+    static const bool wide = std::getenv("OMNIQ_LET_WIDE") != nullptr;  // A/B switch for measurements
+    if (n <= 16 * kLetMaxBlock && !wide) launch(std::integral_constant<int, 16 / kVec>{});
+    else launch(std::integral_constant<int, 32 / kVec>{});
   });
   if (let.col) g.dcol = col_sum(part);  // fixed-order sum of the per-block partials
 }
