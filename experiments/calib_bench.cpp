@@ -1,5 +1,6 @@
 #include "experiments/calib_bench.h"
 
+
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
@@ -7,6 +8,7 @@
 #include <thread>
 
 #include "models/model_shapes.h"
+#include "ops/attention.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
 
@@ -198,6 +200,7 @@ std::string calib_bench_json(const CalibBenchOptions& opt, const CalibBenchResul
   j["seqlen"] = r.seqlen;
   j["device"] = opt.device.str();
   j["dtype"] = dtype_name(opt.compute);
+  j["deterministic"] = attention_deterministic();
   j["peak_tflops"] = opt.peak_tflops;
   j["seed"] = opt.seed;
   j["flops"] = {{"definition",

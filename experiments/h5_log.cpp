@@ -2,6 +2,7 @@
 // HDF5 1.10 and 1.14 alike). Strings are variable-length UTF-8 (h5py reads them as `str`).
 #include "experiments/h5_log.h"
 
+
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <set>
 
 #include "models/safetensors.h"
+#include "ops/attention.h"
 #include "runtime/error.h"
 
 #ifdef OMNIQ_HAS_CUDA
@@ -231,6 +233,7 @@ RunEnvironment collect_environment(Device dev) {
 #endif
   char host[256] = {0};
   e.hostname = ::gethostname(host, sizeof host - 1) == 0 ? host : "unknown";
+  e.deterministic = attention_deterministic();
   std::time_t t = std::time(nullptr);
   char iso[32];
   std::strftime(iso, sizeof iso, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
@@ -315,6 +318,7 @@ void RunLog::write_environment(const RunEnvironment& e) {
   attr_str(file_, "omniq_commit", e.omniq_commit);
   attr_str(file_, "hostname", e.hostname);
   attr_str(file_, "started_utc", e.started_utc);
+  attr_i64(file_, "deterministic", e.deterministic ? 1 : 0);
   flush();
 }
 

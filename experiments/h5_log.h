@@ -29,6 +29,7 @@ struct RunEnvironment {
   std::string omniq_commit;    // `git rev-parse HEAD` of the source tree, or "unknown"
   std::string hostname;
   std::string started_utc;     // ISO 8601
+  bool deterministic = true;   // flash-attention backward mode (reruns bit-identical on one GPU model)
 };
 // Collects the environment of a run on `dev` (never throws: unknown facts become "unknown").
 RunEnvironment collect_environment(Device dev);

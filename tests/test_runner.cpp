@@ -182,6 +182,7 @@ TEST(Runner, RunPointWritesTheDocumentedHdf5Layout) {
   EXPECT_NE(h5_attr_string(f, "device_name"), "<missing>");
   EXPECT_EQ(h5_attr_string(f, "device"), "cpu");
   EXPECT_NE(h5_attr_string(f, "omniq_commit"), "<missing>");
+  EXPECT_EQ(h5_attr_double(f, "deterministic"), 1.0);  // the default attention backward
   EXPECT_EQ(H5Aexists(f, "error"), 0);
 
   // per block: epoch losses, metrics, learned parameters equal to the state file's

@@ -1,5 +1,6 @@
 #include "experiments/cli/quant_flags.h"
 
+#include "ops/attention.h"
 #include "runtime/device.h"
 #include "runtime/error.h"
 
@@ -52,6 +53,9 @@ QuantConfig read_quant_flags(const Args& a) {
 void add_device_flags(Args& a) {
   a.option("device", "DEV", "cpu, cuda or cuda:N", cuda_available() ? "cuda" : "cpu");
   a.option("dtype", "T", "compute dtype on CUDA: bf16 (default) or f32 (the CPU computes in f32)", "bf16");
+  a.flag("nondeterministic",
+         "atomic flash-attention backward: a few % faster training steps, but reruns are no longer bit-identical "
+         "(default: deterministic; also OMNIQ_NONDETERMINISTIC_ATTENTION=1)");
 }
 
 DeviceChoice read_device_flags(const Args& a) {
@@ -62,6 +66,7 @@ DeviceChoice read_device_flags(const Args& a) {
   std::string dt = a.get("dtype");
   OMNIQ_CHECK(dt == "bf16" || dt == "f32", "--dtype %s: use bf16 or f32", dt.c_str());
   c.compute = c.device.is_cpu() || dt == "f32" ? DType::f32 : DType::bf16;
+  if (a.flag_set("nondeterministic")) set_attention_deterministic(false);
   return c;
 }
 
