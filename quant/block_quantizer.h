@@ -82,7 +82,7 @@ class BlockQuantizer : public BlockHooks {
   ag::Var linear_weight(ag::Tape& t, const std::string& site);  // original weight of a site (constant)
   std::pair<ag::Var, ag::Var> lwc_of(const std::string& site) const;  // (γ, β), or nulls without LWC
   // ŵ of a Linear weight with its LET scales through the fused op, or null where that op does not
-  // apply (no LET on the weight, bias shifts, unsupported layout): transform() then composes the ops.
+  // apply (no LET on the weight, an unsupported layout): transform() then composes the ops.
   ag::Var fused_let_weight(ag::Tape& t, const std::string& site, const ag::Var& w, DType weight_dtype);
 
   const ModelConfig& cfg_;
