@@ -179,26 +179,13 @@ __global__ void __launch_bounds__(kMaxBlock)
   else team_reduce<1>(acc, sum, t.tp, smem);
   if (!t.valid) return;
 
-  // Chain rule from dscale to the clipped range, LWC parameters and the raw max/min (CPU: group_grad).
-  const float ds = (s.scale_raw >= 1e-5f && s.scale_raw <= 1e4f) ? acc[0] : 0.0f;
-  float dhi, dlo;
-  if (L.symmetric) {
-    const float dabs = ds / L.qdiv;
-    const float ah = fabsf(s.hi), al = fabsf(s.lo);
-    const float share_hi = ah > al ? 1.0f : (ah < al ? 0.0f : 0.5f);
-    dhi = dabs * share_hi * static_cast<float>((s.hi > 0.0f) - (s.hi < 0.0f));
-    dlo = dabs * (1.0f - share_hi) * static_cast<float>((s.lo > 0.0f) - (s.lo < 0.0f));
-  } else {
-    dhi = ds / L.qdiv;
-    dlo = -dhi;
-  }
-  const float dxmax = gamma ? dhi * s.a : dhi, dxmin = gamma ? dlo * s.b : dlo;
+  const GroupGrad grad = group_grad(s, acc[0], L, gamma != nullptr);
   if (gamma && t.tp.lane == 0) {
-    dgamma[t.k] = (dhi * s.xmax) * ((1.0f - s.a) * s.a);
-    dbeta[t.k] = (dlo * s.xmin) * ((1.0f - s.b) * s.b);
+    dgamma[t.k] = grad.dgamma;
+    dbeta[t.k] = grad.dbeta;
   }
   if (!want_dx) return;
-  const float share_max = dxmax / acc[1], share_min = dxmin / acc[2];
+  const float share_max = grad.dxmax / acc[1], share_min = grad.dxmin / acc[2];
   TX* dxg = dx + t.off;
   auto emit = [&](const Pack<TX, kVec>& xp, const Pack<TG, kVec>& gp, int c, int j) {
     float v[kVec], g[kVec], o[kVec];

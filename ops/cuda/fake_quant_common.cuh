@@ -92,6 +92,34 @@ __device__ __forceinline__ float dequantize(const ElemQ& e, const GroupState& s)
   return __fmul_rn(__fsub_rn(e.q, s.zp), s.scale);
 }
 
+// Gradients of one group from dscale = Σ dy·∂x̂/∂scale: the chain rule to the clipped range, the LWC
+// parameters and the raw max/min (CPU twin: group_grad in ops/cpu/fake_quant.cpp). dxmax / dxmin
+// are then shared among the group's argmax / argmin elements.
+struct GroupGrad {
+  float dgamma, dbeta, dxmax, dxmin;
+};
+
+__device__ __forceinline__ GroupGrad group_grad(const GroupState& s, float dscale, const Levels& L, bool lwc) {
+  const float ds = (s.scale_raw >= 1e-5f && s.scale_raw <= 1e4f) ? dscale : 0.0f;  // the clamp passes inside
+  float dhi, dlo;
+  if (L.symmetric) {
+    const float dabs = ds / L.qdiv;
+    const float ah = fabsf(s.hi), al = fabsf(s.lo);
+    const float share_hi = ah > al ? 1.0f : (ah < al ? 0.0f : 0.5f);
+    dhi = dabs * share_hi * static_cast<float>((s.hi > 0.0f) - (s.hi < 0.0f));
+    dlo = dabs * (1.0f - share_hi) * static_cast<float>((s.lo > 0.0f) - (s.lo < 0.0f));
+  } else {
+    dhi = ds / L.qdiv;
+    dlo = -dhi;
+  }
+  GroupGrad g;
+  g.dgamma = (dhi * s.xmax) * ((1.0f - s.a) * s.a);
+  g.dbeta = (dlo * s.xmin) * ((1.0f - s.b) * s.b);
+  g.dxmax = lwc ? dhi * s.a : dhi;
+  g.dxmin = lwc ? dlo * s.b : dlo;
+  return g;
+}
+
 // Which group this thread works on and where it sits in its team. team > 0: warp teams of `team`
 // lanes (a power of two, 4..32); team == 0: the whole block owns one group.
 struct TeamPos {

@@ -71,6 +71,21 @@ __device__ __forceinline__ void transform_row(const Pack<TX, kVec> (&xr)[kItems]
   }
 }
 
+// The row's quantizer state: σ(γ), σ(β) (overlapping the loads in flight), u, and the block-wide
+// max / min of u. Every thread of the block must call it (it reduces through `smem`, 2·32 floats).
+template <typename TX, int kVec, int kItems>
+__device__ __forceinline__ GroupState row_state(const Pack<TX, kVec> (&xr)[kItems], const LetRow& lr,
+                                                const float* gamma, const float* beta, int64_t r, const TeamPos& tp,
+                                                int c0, int step, int n, const Levels& L, float* smem,
+                                                float (&u)[kItems][kVec]) {
+  float a, b;
+  lwc_sigmoids(gamma, beta, r, tp, a, b);
+  float mm[2];
+  transform_row(xr, lr, c0, step, n, u, mm);
+  team_reduce<2>(mm, [](float p, float q) { return fmaxf(p, q); }, tp, smem);
+  return group_state(mm[0], -mm[1], a, b, L);
+}
+
 template <typename TX, typename TY, int kVec, int kItems>
 __global__ void __launch_bounds__(kLetMaxBlock)
     fq_let_forward_kernel(const TX* __restrict__ w, TY* __restrict__ y, const float* __restrict__ col,
@@ -86,12 +101,8 @@ __global__ void __launch_bounds__(kLetMaxBlock)
   for (int j = 0; j < kItems; ++j)
     if (c0 + j * step < n) xr[j] = load_pack<TX, kVec>(wr + c0 + j * step);
   const LetRow lr{col, row != nullptr, divide, row ? row[r] : 1.0f};
-  float a, b;
-  lwc_sigmoids(gamma, beta, r, tp, a, b);
-  float u[kItems][kVec], mm[2];
-  transform_row(xr, lr, c0, step, n, u, mm);
-  team_reduce<2>(mm, [](float p, float q) { return fmaxf(p, q); }, tp, smem);
-  const GroupState s = group_state(mm[0], -mm[1], a, b, L);
+  float u[kItems][kVec];
+  const GroupState s = row_state(xr, lr, gamma, beta, r, tp, c0, step, n, L, smem, u);
   TY* yr = y + r * n;
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
@@ -143,12 +154,8 @@ __global__ void __launch_bounds__(kLetMaxBlock)
     const TeamPos tp{true, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), r};
     load_row(r + gridDim.x, xn, gn);
     const LetRow lr{col, row != nullptr, divide, row ? row[r] : 1.0f};
-    float a, b;
-    lwc_sigmoids(gamma, beta, r, tp, a, b);
-    float u[kItems][kVec], mm[2];
-    transform_row(xr, lr, c0, step, n, u, mm);
-    team_reduce<2>(mm, [](float p, float q) { return fmaxf(p, q); }, tp, smem);
-    const GroupState s = group_state(mm[0], -mm[1], a, b, L);
+    float u[kItems][kVec];
+    const GroupState s = row_state(xr, lr, gamma, beta, r, tp, c0, step, n, L, smem, u);
 
     float acc[3] = {0.0f, 0.0f, 0.0f};  // dscale, #(u == xmax), #(u == xmin)
     uint32_t in_mask = 0;               // bit j·kVec + i: the STE passes the element's gradient
@@ -166,25 +173,12 @@ __global__ void __launch_bounds__(kLetMaxBlock)
     }
     team_reduce<3>(acc, sum, tp, smem);
 
-    // Chain rule from dscale (as fake_quant_backward_kernel / the CPU group_grad).
-    const float ds = (s.scale_raw >= 1e-5f && s.scale_raw <= 1e4f) ? acc[0] : 0.0f;
-    float dhi, dlo;
-    if (L.symmetric) {
-      const float dabs = ds / L.qdiv;
-      const float ah = fabsf(s.hi), al = fabsf(s.lo);
-      const float share_hi = ah > al ? 1.0f : (ah < al ? 0.0f : 0.5f);
-      dhi = dabs * share_hi * static_cast<float>((s.hi > 0.0f) - (s.hi < 0.0f));
-      dlo = dabs * (1.0f - share_hi) * static_cast<float>((s.lo > 0.0f) - (s.lo < 0.0f));
-    } else {
-      dhi = ds / L.qdiv;
-      dlo = -dhi;
-    }
-    const float dxmax = gamma ? dhi * s.a : dhi, dxmin = gamma ? dlo * s.b : dlo;
+    const GroupGrad gg = group_grad(s, acc[0], L, gamma != nullptr);
     if (gamma && threadIdx.x == 0) {
-      dgamma[r] = (dhi * s.xmax) * ((1.0f - s.a) * s.a);
-      dbeta[r] = (dlo * s.xmin) * ((1.0f - s.b) * s.b);
+      dgamma[r] = gg.dgamma;
+      dbeta[r] = gg.dbeta;
     }
-    const float share_max = dxmax / acc[1], share_min = dxmin / acc[2];
+    const float share_max = gg.dxmax / acc[1], share_min = gg.dxmin / acc[2];
     // ÷ r: du/dr = −u/r, dv = du/r; · r: du/dr = v = u/r, dv = du·r.
     const float rinv = 1.0f / lr.r;
     const float dr_factor = divide ? -rinv : rinv, dv_factor = divide ? rinv : lr.r;
