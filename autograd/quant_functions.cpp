@@ -101,10 +101,12 @@ Var gather(Tape& t, const Var& v, const Tensor& idx) {
   int64_t n = v->value.numel();
   // A vector is an embedding table with one column: reuse the embedding gather and its scatter-add.
   Tensor table = v->value.reshape({n, 1});
-  Var y = constant(embedding_forward(idx, table).reshape({idx.numel()}));
+  // Unchecked: gather's indices are built by the quantizer (in range by construction), and the
+  // device-side check would cost a host sync per call (and rule out CUDA-graph capture).
+  Var y = constant(embedding_forward(idx, table, /*check_ids=*/false).reshape({idx.numel()}));
   auto saved_idx = std::make_shared<Tensor>(idx.alias());
   t.record({v}, y, [v, saved_idx, n](const Tensor& dy) {
-    Tensor g = embedding_backward(dy.reshape({dy.numel(), 1}), *saved_idx, n);
+    Tensor g = embedding_backward(dy.reshape({dy.numel(), 1}), *saved_idx, n, /*check_ids=*/false);
     accumulate_grad(*v, g.reshape({n}));
   });
   return y;

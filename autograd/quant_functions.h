@@ -28,6 +28,8 @@ Var abs_floor_ste(Tape& t, const Var& s, float floor);
 // Value converted to another dtype; the gradient is converted back.
 Var cast(Tape& t, const Var& x, DType dtype);
 // out[i] = v[idx[i]] for a vector v [N] and host/device i32 indices [M]; the gradient scatter-adds.
+// Device indices are not range-checked (that would need a host sync per call, which CUDA-graph
+// capture forbids): pass only indices built in range, as BlockQuantizer does; host ones are checked.
 Var gather(Tape& t, const Var& v, const Tensor& idx);
 
 }  // namespace omniq::ag

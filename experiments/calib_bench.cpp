@@ -222,6 +222,7 @@ std::string calib_bench_json(const CalibBenchOptions& opt, const CalibBenchResul
                       {"gptq_seconds", p.gptq_seconds},
                       {"propagate_seconds", p.propagate_seconds},
                       {"train_steps", p.train_steps},
+                      {"graph_steps", p.graph_steps},
                       {"ms_per_step", b.ms_per_step},
                       {"train_tflops", b.train_tflops},
                       {"train_pct_of_peak", 100 * b.train_tflops / opt.peak_tflops},

@@ -74,4 +74,42 @@ void adamw_step_many(const std::vector<AdamWParam>& ps, int64_t step) {
   }
 }
 
+std::vector<float> adamw_scalar_floats(const std::vector<AdamWConfig>& cfgs, int64_t step) {
+  std::vector<float> out;
+  out.reserve(cfgs.size() * 7);
+  for (const AdamWConfig& c : cfgs) {
+    const detail::AdamWScalars s = detail::adamw_scalars(c, step);
+    const float* f = reinterpret_cast<const float*>(&s);
+    out.insert(out.end(), f, f + 7);
+  }
+  return out;
+}
+
+void adamw_step_many_indirect(const std::vector<AdamWParam>& ps, const Tensor& scalars) {
+  const char* op = "adamw_step_many_indirect";
+  OMNIQ_CHECK(scalars.defined(), "%s: scalars is undefined", op);
+  check_dtype(scalars, DType::f32, op, "scalars");
+  OMNIQ_CHECK(scalars.numel() == static_cast<int64_t>(ps.size()) * 7,
+              "%s: scalars %s must hold 7 floats for each of the %zu tensors", op, scalars.str().c_str(), ps.size());
+  OMNIQ_CHECK(scalars.device().is_cuda(), "%s: scalars must be on the CUDA device (use adamw_step_many on the CPU)", op);
+  std::vector<AdamWParam> live;
+  std::vector<int> index;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const AdamWParam& p = ps[i];
+    if (!p.grad) continue;
+    OMNIQ_CHECK(p.param && p.m && p.v, "%s: null tensor pointer", op);
+    check_args(*p.param, *p.grad, *p.m, *p.v, p.cfg, 1, op);  // the step is in the scalars
+    check_same_device(*p.param, scalars, op);
+    if (p.param->numel() == 0) continue;
+    live.push_back(p);
+    index.push_back(static_cast<int>(i));
+  }
+  if (live.empty()) return;
+#ifdef OMNIQ_HAS_CUDA
+  cuda::adamw_step_many_indirect(live, reinterpret_cast<const detail::AdamWScalars*>(scalars.data()), index);
+#else
+  OMNIQ_FAIL("%s: this omniq was built without CUDA, but the tensors are on a CUDA device", op);
+#endif
+}
+
 }  // namespace omniq

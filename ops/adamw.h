@@ -47,6 +47,17 @@ struct AdamWParam {
 };
 void adamw_step_many(const std::vector<AdamWParam>& ps, int64_t step);
 
+// The CUDA-graph-replayable form of adamw_step_many (all tensors on one CUDA device): the scalars
+// are not kernel arguments but read on the device from `scalars` (f32 [ps.size() · 7], ps[i]'s
+// detail::AdamWScalars at floats 7i..7i+6, as adamw_scalar_floats writes them). A captured launch is
+// then replayed for later steps after the caller rewrites that buffer (stream-ordered), instead of
+// baking one step's bias corrections into the graph. Same bits as adamw_step_many with the same
+// configs and step. An entry with grad == nullptr is skipped (a parameter that got no gradient this
+// step), so the rows keep their positions.
+void adamw_step_many_indirect(const std::vector<AdamWParam>& ps, const Tensor& scalars);
+// The scalars of cfgs[i] at `step` (1-based), in the layout adamw_step_many_indirect reads.
+std::vector<float> adamw_scalar_floats(const std::vector<AdamWConfig>& cfgs, int64_t step);
+
 // ---- shared by the CPU reference and the CUDA kernel ----------------------------------------------
 namespace detail {
 
@@ -65,6 +76,7 @@ struct AdamWScalars {
   float bc2_sqrt;       // √(1 − β2^t)
   float eps;
 };
+static_assert(sizeof(AdamWScalars) == 7 * sizeof(float), "adamw_step_many_indirect reads 7 floats per tensor");
 
 inline AdamWScalars adamw_scalars(const AdamWConfig& c, int64_t step) {
   const double t = static_cast<double>(step);
@@ -102,6 +114,9 @@ namespace cuda {
 void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const detail::AdamWScalars& s);
 // ps on one device; scalars[i] belongs to ps[i].
 void adamw_step_many(const std::vector<AdamWParam>& ps, const std::vector<detail::AdamWScalars>& scalars);
+// scalars_dev: device array of AdamWScalars; ps[i] uses scalars_dev[index[i]].
+void adamw_step_many_indirect(const std::vector<AdamWParam>& ps, const detail::AdamWScalars* scalars_dev,
+                              const std::vector<int>& index);
 }
 #endif
 

@@ -25,7 +25,7 @@ void check_ids(const Tensor& ids, const char* op) {
 
 }  // namespace
 
-Tensor embedding_forward(const Tensor& ids, const Tensor& table) {
+Tensor embedding_forward(const Tensor& ids, const Tensor& table, bool check_device_ids) {
   const char* op = "embedding_forward";
   check_ids(ids, op);
   OMNIQ_CHECK(table.defined(), "%s: table is undefined", op);
@@ -38,7 +38,7 @@ Tensor embedding_forward(const Tensor& ids, const Tensor& table) {
       return cuda::embedding_forward(ids.to(table.device()), table, /*check_ids=*/false);
     }
     check_same_device(ids, table, op);
-    return cuda::embedding_forward(ids, table, /*check_ids=*/true);
+    return cuda::embedding_forward(ids, table, check_device_ids);
 #else
     OMNIQ_FAIL("%s: %s is on CUDA but this omniq was built without CUDA", op, table.str().c_str());
 #endif
@@ -47,7 +47,7 @@ Tensor embedding_forward(const Tensor& ids, const Tensor& table) {
   return cpu::embedding_forward(ids, table);
 }
 
-Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab) {
+Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab, bool check_device_ids) {
   const char* op = "embedding_backward";
   check_ids(ids, op);
   OMNIQ_CHECK(dy.defined(), "%s: dy is undefined", op);
@@ -64,7 +64,7 @@ Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab) {
       return cuda::embedding_backward(dy, ids.to(dy.device()), vocab, /*check_ids=*/false);
     }
     check_same_device(ids, dy, op);
-    return cuda::embedding_backward(dy, ids, vocab, /*check_ids=*/true);
+    return cuda::embedding_backward(dy, ids, vocab, check_device_ids);
 #else
     OMNIQ_FAIL("%s: %s is on CUDA but this omniq was built without CUDA", op, dy.str().c_str());
 #endif

@@ -15,12 +15,16 @@
 namespace omniq {
 
 // -> (..., C) in table's dtype, on table's device. ids may be on the CPU or on table's device.
-Tensor embedding_forward(const Tensor& ids, const Tensor& table);
+// check_device_ids = false skips the range check of ids already on the device (its verdict has to be read
+// back on the host: a sync, which CUDA-graph capture forbids). Only for index tensors the caller
+// built itself and knows to be in range (the LET gathers of quant/block_quantizer.cpp).
+Tensor embedding_forward(const Tensor& ids, const Tensor& table, bool check_device_ids = true);
 
 // dtable[v, :] = sum of dy[n, :] over the positions n with ids[n] == v -> f32 (V, C), zeros where a
 // token does not occur. dy is (..., C) with one row per id (usually ids' shape followed by C).
-// CUDA accumulates with atomicAdd, so the summation order (last bits) may vary between runs.
-Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab);
+// CUDA: one column (C == 1, ag::gather) sums in ascending n like the CPU (same bits, deterministic);
+// wider tables accumulate with atomicAdd, so their summation order (last bits) may vary between runs.
+Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab, bool check_device_ids = true);
 
 namespace cpu {
 Tensor embedding_forward(const Tensor& ids, const Tensor& table);

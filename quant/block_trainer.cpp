@@ -5,6 +5,10 @@
 #include "autograd/functions.h"
 #include "ops/adamw.h"
 #include "runtime/error.h"
+#ifdef OMNIQ_HAS_CUDA
+#include "runtime/cuda_backend.h"
+#include "runtime/cuda_graph.h"
+#endif
 
 namespace omniq {
 
@@ -58,31 +62,111 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
   Tensor losses = Tensor::zeros({n}, DType::f32, dev);
   int64_t step = 0;
 
+  // On CUDA every step reads its sample, targets and AdamW scalars from fixed buffers, so the
+  // whole step (forward, backward, AdamW: ~60 kernels) can be captured once as a CUDA graph and
+  // replayed with one launch (see the epoch loop); without graphs (OMNIQ_NO_CUDA_GRAPH=1) the
+  // same code runs eagerly, with the same kernels and bits.
+  const bool on_cuda = dev.is_cuda();
+  Tensor x_buf, fp_buf, aug_buf, loss_buf, scalars_buf, scalar_table;
+  if (on_cuda) {
+    x_buf = Tensor::empty(q_inps.view_rows(0, 1).shape(), q_inps.dtype(), dev);
+    fp_buf = Tensor::empty(data.fp_outs->view_rows(0, 1).shape(), data.fp_outs->dtype(), dev);
+    if (data.aug_outs) aug_buf = Tensor::empty(data.aug_outs->view_rows(0, 1).shape(), data.aug_outs->dtype(), dev);
+    loss_buf = Tensor::zeros({1}, DType::f32, dev);
+    scalars_buf = Tensor::zeros({static_cast<int64_t>(opt.size()) * 7}, DType::f32, dev);
+  }
+  std::vector<AdamWConfig> configs(opt.size());
+  auto refresh_configs = [&] {
+    for (size_t i = 0; i < opt.size(); ++i) {
+      configs[i] = AdamWConfig{};
+      configs[i].lr = opt[i].lr;
+      configs[i].weight_decay = qc.weight_decay;
+    }
+  };
+  refresh_configs();
+
+  // One training step on sample j. On CUDA the sample is already in x_buf/fp_buf/aug_buf and the
+  // step's AdamW scalars in scalars_buf; the loss goes to loss_buf. Everything it allocates is freed
+  // before it returns (a captured graph then owns no memory between replays).
+  auto step_body = [&](int64_t j) {
+    ag::Tape t;
+    ag::Var x = ag::constant(on_cuda ? x_buf.alias() : q_inps.view_rows(j, 1));
+    ag::Var y = decoder_block_forward(t, cfg, params, x, &bq);
+    ag::Var loss = ag::mse_loss(t, y, ag::constant(on_cuda ? fp_buf.alias() : data.fp_outs->view_rows(j, 1)));
+    if (data.aug_outs)
+      loss = ag::add(t, loss, ag::mse_loss(t, y, ag::constant(on_cuda ? aug_buf.alias() : data.aug_outs->view_rows(j, 1))));
+    t.backward(loss);
+    if (on_cuda) loss_buf.copy_from(loss->value);
+    else losses.view_rows(j, 1).copy_from(loss->value);
+    std::vector<AdamWParam> updates;
+    for (size_t i = 0; i < opt.size(); ++i) {
+      OptimizedParam& p = opt[i];
+      const bool has = p.var->grad.defined();
+      if (on_cuda) updates.push_back({&p.var->value, has ? &p.var->grad : nullptr, &p.m, &p.v, configs[i]});
+      else if (has) updates.push_back({&p.var->value, &p.var->grad, &p.m, &p.v, configs[i]});
+    }
+    // One launch for all of them; on CUDA the scalars (indexed by position in opt) come from the
+    // device buffer the loop below fills before each step.
+    if (on_cuda) adamw_step_many_indirect(updates, scalars_buf);
+    else adamw_step_many(updates, step);
+    // Dropped rather than zeroed: the next step's first gradient is then moved in, not added to
+    // zeros (a fill and an add kernel less per parameter per step; same values).
+    for (OptimizedParam& p : opt) p.var->grad = Tensor();
+  };
+
+#ifdef OMNIQ_HAS_CUDA
+  // The step as a CUDA graph: captured at the block's second step (the first runs eagerly, so
+  // one-time work such as cuBLASLt heuristics, RoPE tables and lazily made weight copies is done
+  // outside the graph), then replayed. A capture failure falls back to eager steps with a warning.
+  bool use_graph = on_cuda && cuda_graphs_enabled();
+  CudaGraph graph;
+#endif
   for (int epoch = 0; epoch < qc.epochs; ++epoch) {
     Snapshot snap = take_snapshot(opt);
     int64_t step_at_start = step;
     for (int attempt = 0;; ++attempt) {
-      for (int64_t j = 0; j < n; ++j) {
-        ag::Tape t;
-        ag::Var x = ag::constant(q_inps.view_rows(j, 1));
-        ag::Var y = decoder_block_forward(t, cfg, params, x, &bq);
-        ag::Var loss = ag::mse_loss(t, y, ag::constant(data.fp_outs->view_rows(j, 1)));
-        if (data.aug_outs) loss = ag::add(t, loss, ag::mse_loss(t, y, ag::constant(data.aug_outs->view_rows(j, 1))));
-        t.backward(loss);
-        losses.view_rows(j, 1).copy_from(loss->value);
-        ++step;
-        std::vector<AdamWParam> updates;
-        for (OptimizedParam& p : opt) {
-          if (!p.var->grad.defined()) continue;
-          AdamWConfig ac;
-          ac.lr = p.lr;
-          ac.weight_decay = qc.weight_decay;
-          updates.push_back({&p.var->value, &p.var->grad, &p.m, &p.v, ac});
+      refresh_configs();
+      if (on_cuda) {
+        // This epoch's AdamW scalars, row j for its step j: one upload per epoch, one device copy
+        // per step (graph replays read them from scalars_buf).
+        std::vector<float> table;
+        for (int64_t j = 0; j < n; ++j) {
+          std::vector<float> row = adamw_scalar_floats(configs, step_at_start + j + 1);
+          table.insert(table.end(), row.begin(), row.end());
         }
-        adamw_step_many(updates, step);  // one launch for all of them
-        // Dropped rather than zeroed: the next step's first gradient is then moved in, not added to
-        // zeros (a fill and an add kernel less per parameter per step; same values).
-        for (OptimizedParam& p : opt) p.var->grad = Tensor();
+        scalar_table = Tensor::from_f32(table, {n, static_cast<int64_t>(opt.size()) * 7}, DType::f32, dev);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        ++step;
+        if (!on_cuda) {
+          step_body(j);
+          continue;
+        }
+        x_buf.copy_from(q_inps.view_rows(j, 1));
+        fp_buf.copy_from(data.fp_outs->view_rows(j, 1));
+        if (data.aug_outs) aug_buf.copy_from(data.aug_outs->view_rows(j, 1));
+        scalars_buf.copy_from(scalar_table.view_rows(j, 1).reshape(scalars_buf.shape()));
+#ifdef OMNIQ_HAS_CUDA
+        if (use_graph && !graph.ready() && step > 1) {
+          // Give the eager step's cached pool memory back first: the graph holds its own.
+          cuda_rt::trim_pool(dev.index);
+          std::string why;
+          if (!graph.capture(dev.index, [&] { step_body(j); }, &why)) {
+            use_graph = false;
+            result.warnings.push_back("CUDA graph capture of the training step failed (" + why +
+                                      "); running the steps eagerly");
+            std::fprintf(stderr, "warning: %s\n", result.warnings.back().c_str());
+          }
+        }
+        if (use_graph && graph.ready()) {
+          graph.launch();
+          ++result.graph_steps;
+        }
+        else step_body(j);
+#else
+        step_body(j);
+#endif
+        losses.view_rows(j, 1).copy_from(loss_buf);
       }
       // One host read per epoch.
       std::vector<float> l = losses.to_f32_vector();
@@ -114,6 +198,9 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
     }
     if (on_epoch) on_epoch(epoch, result.epoch_loss.back());
   }
+#ifdef OMNIQ_HAS_CUDA
+  graph.reset();  // its memory goes back before the block's propagation
+#endif
   return result;
 }
 

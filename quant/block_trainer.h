@@ -21,6 +21,7 @@ namespace omniq {
 struct BlockTrainingResult {
   std::vector<double> epoch_loss;  // mean loss of each epoch (after retries)
   int nan_retries = 0;
+  int64_t graph_steps = 0;  // steps run as CUDA graph replays (0 on the CPU or with OMNIQ_NO_CUDA_GRAPH)
   std::vector<std::string> warnings;  // one line per recovered NaN/Inf
 };
 

@@ -215,6 +215,7 @@ BlockReport calibrate_block(const ModelConfig& cfg, const QuantConfig& qc, const
     });
     rep.epoch_loss = tr.epoch_loss;
     rep.nan_retries = tr.nan_retries;
+    rep.graph_steps = tr.graph_steps;
     rep.train_steps = static_cast<int64_t>(tr.epoch_loss.size() + static_cast<size_t>(tr.nan_retries)) * q.size(0);
     phase_end(rep.train_seconds);
   }

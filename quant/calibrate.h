@@ -35,6 +35,7 @@ struct BlockReport {
   double propagate_seconds = 0;  // fuse + quantized-stream propagation + final loss
   int64_t train_steps = 0;       // optimizer steps run (incl. NaN retries)
   int nan_retries = 0;
+  int64_t graph_steps = 0;    // of train_steps, those replayed as a CUDA graph
   bool resumed = false;      // taken from the state folder
   std::map<std::string, double> search;  // searched settings (AWQ: "<pair>.alpha")
 };

@@ -185,5 +185,11 @@ void fill(int dev, void* dst, DType dt, int64_t n, float value) {
 
 void synchronize(int dev) { CUDA_CHECK(cudaStreamSynchronize(cuda_context(dev).stream)); }
 
+void trim_pool(int dev) {
+  CudaContext& ctx = cuda_context(dev);
+  CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+  CUDA_CHECK(cudaMemPoolTrimTo(ctx.pool, 0));
+}
+
 }  // namespace cuda_rt
 }  // namespace omniq

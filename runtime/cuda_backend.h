@@ -18,5 +18,7 @@ void memcpy_d2d(int dev, void* dst, const void* src, size_t bytes);  // stream-o
 void convert(int dev, const void* src, DType src_dt, void* dst, DType dst_dt, int64_t n);
 void fill(int dev, void* dst, DType dt, int64_t n, float value);
 void synchronize(int dev);
+// Waits for the stream, then returns the pool's unused cached memory to the driver.
+void trim_pool(int dev);
 
 }  // namespace omniq::cuda_rt

@@ -5,6 +5,9 @@
 
 #include "ops/adamw.h"
 #include "runtime/error.h"
+#ifdef OMNIQ_HAS_CUDA
+#include "runtime/cuda_graph.h"
+#endif
 #include "tests/support/test_support.h"
 
 using namespace omniq;
@@ -178,4 +181,66 @@ TEST(AdamWCuda, ManyMatchesCpu) {
     EXPECT_TRUE(all_close(b.p[i].to(Device::cpu()), a.p[i], 1e-7f, 1e-6f)) << i;
     EXPECT_TRUE(all_close(b.m[i].to(Device::cpu()), a.m[i], 1e-7f, 1e-6f)) << i;
   }
+}
+
+namespace {
+// The indirect form: scalars for step t written into a device buffer before each launch.
+void step_many_indirect(ManyCase& c, int64_t t, Tensor& scalars) {
+  std::vector<AdamWParam> ps;
+  for (size_t i = 0; i < c.p.size(); ++i) ps.push_back({&c.p[i], &c.g[i], &c.m[i], &c.v[i], c.cfg[i]});
+  std::vector<float> f = adamw_scalar_floats(c.cfg, t);
+  scalars.copy_from(Tensor::from_f32(f, {static_cast<int64_t>(f.size())}, DType::f32, scalars.device()));
+  adamw_step_many_indirect(ps, scalars);
+}
+}  // namespace
+
+TEST(AdamWCuda, IndirectScalarsGiveTheSameBitsAsMany) {
+  OMNIQ_REQUIRE_CUDA();
+  ManyCase a = make_many(Device::cuda()), b = make_many(Device::cuda());
+  Tensor scalars = Tensor::zeros({static_cast<int64_t>(b.p.size()) * 7}, DType::f32, Device::cuda());
+  for (int64_t t = 1; t <= 3; ++t) {
+    step_many(a, t);
+    step_many_indirect(b, t, scalars);
+  }
+  for (size_t i = 0; i < a.p.size(); ++i) {
+    EXPECT_EQ(a.p[i].to_f32_vector(), b.p[i].to_f32_vector()) << i;
+    EXPECT_EQ(a.m[i].to_f32_vector(), b.m[i].to_f32_vector()) << i;
+    EXPECT_EQ(a.v[i].to_f32_vector(), b.v[i].to_f32_vector()) << i;
+  }
+}
+
+#ifdef OMNIQ_HAS_CUDA
+// One captured launch replayed for steps 2 and 3 after rewriting the scalars: the same bits as
+// launching each step (the bias corrections are not frozen into the graph).
+TEST(AdamWCuda, GraphReplayReadsEachStepsScalars) {
+  OMNIQ_REQUIRE_CUDA();
+  ManyCase a = make_many(Device::cuda()), b = make_many(Device::cuda());
+  Tensor scalars = Tensor::zeros({static_cast<int64_t>(b.p.size()) * 7}, DType::f32, Device::cuda());
+  std::vector<AdamWParam> ps;
+  for (size_t i = 0; i < b.p.size(); ++i) ps.push_back({&b.p[i], &b.g[i], &b.m[i], &b.v[i], b.cfg[i]});
+  CudaGraph graph;
+  std::string why;
+  ASSERT_TRUE(graph.capture(0, [&] { adamw_step_many_indirect(ps, scalars); }, &why)) << why;
+  for (int64_t t = 1; t <= 3; ++t) {
+    step_many(a, t);
+    std::vector<float> f = adamw_scalar_floats(b.cfg, t);
+    Tensor host = Tensor::from_f32(f, {static_cast<int64_t>(f.size())}, DType::f32, Device::cuda());
+    scalars.copy_from(host);
+    graph.launch();
+  }
+  for (size_t i = 0; i < a.p.size(); ++i) EXPECT_EQ(a.p[i].to_f32_vector(), b.p[i].to_f32_vector()) << i;
+  EXPECT_NE(a.p[2].to_f32_vector(), make_many(Device::cuda()).p[2].to_f32_vector());  // it moved
+}
+
+#endif
+
+TEST(AdamWCpu, IndirectNeedsSevenFloatsPerTensorOnTheDevice) {
+  ManyCase c = make_many(Device::cpu());
+  std::vector<AdamWParam> ps;
+  for (size_t i = 0; i < c.p.size(); ++i) ps.push_back({&c.p[i], &c.g[i], &c.m[i], &c.v[i], c.cfg[i]});
+  Tensor wrong = Tensor::zeros({5}, DType::f32, Device::cpu());
+  EXPECT_THROW(adamw_step_many_indirect(ps, wrong), Error);
+  Tensor on_cpu = Tensor::zeros({static_cast<int64_t>(ps.size()) * 7}, DType::f32, Device::cpu());
+  EXPECT_THROW(adamw_step_many_indirect(ps, on_cpu), Error);
+  EXPECT_EQ(adamw_scalar_floats(c.cfg, 1).size(), c.cfg.size() * 7);
 }

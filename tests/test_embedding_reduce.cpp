@@ -183,6 +183,30 @@ TEST(EmbeddingCuda, OutOfRangeIdsAreDetected) {
   EXPECT_EQ(embedding_forward(ok, table).shape(), Shape({2, 8}));
 }
 
+// One column (ag::gather, e.g. LET's GQA kv -> q expansion: each kv channel read by G query
+// channels): the deterministic scan gives the CPU's bits, the same in every run.
+TEST(EmbeddingCuda, VectorGatherBackwardIsTheCpusSumInOrder) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  for (int64_t G : {1, 3, 8}) {
+    const int64_t Hkv = 8, D = 128, N = Hkv * G * D, V = Hkv * D;
+    std::vector<int32_t> idx(static_cast<size_t>(N));
+    for (int64_t h = 0; h < Hkv * G; ++h)
+      for (int64_t d = 0; d < D; ++d) idx[static_cast<size_t>(h * D + d)] = static_cast<int32_t>((h / G) * D + d);
+    Tensor ids = Tensor::from_i32(idx, {N});
+    for (DType dt : {DType::f32, DType::bf16}) {
+      Tensor dy = Tensor::uniform({N, 1}, -1, 1, 11, dt);
+      Tensor want = embedding_backward(dy, ids, V);
+      Tensor a = embedding_backward(dy.to(gpu), ids.to(gpu), V), b = embedding_backward(dy.to(gpu), ids.to(gpu), V);
+      EXPECT_EQ(a.to_f32_vector(), want.to_f32_vector()) << "G " << G << " " << dtype_name(dt);
+      EXPECT_EQ(a.to_f32_vector(), b.to_f32_vector()) << "G " << G;
+    }
+  }
+  Tensor bad = Tensor::from_i32({3, 4, 50, 7, -1}, {5});
+  Tensor dy = Tensor::zeros({5, 1}, DType::f32, gpu);
+  EXPECT_TRUE(throws_mentioning([&] { embedding_backward(dy, bad.to(gpu), 50); }, "id 50", "V=50"));
+}
+
 TEST(ReduceCuda, MatchesCpu) {
   OMNIQ_REQUIRE_CUDA();
   const Device gpu = Device::cuda();

@@ -91,11 +91,11 @@ int run_bench_calibrate(int argc, char** argv) {
   std::fflush(stdout);
   CalibBenchResult r = run_calib_bench(o, [&](const CalibBenchBlock& b) {
     const BlockReport& p = b.report;
-    std::printf("block %lld: %.2f s (fp %.2f, init %.2f, train %.2f, gptq %.2f, propagate %.2f) | %lld steps, %.2f ms/step"
+    std::printf("block %lld: %.2f s (fp %.2f, init %.2f, train %.2f, gptq %.2f, propagate %.2f) | %lld steps (%lld as CUDA graph), %.2f ms/step"
                 " | train %.1f TFLOP/s = %.1f%% of %.0f | block %.1f TFLOP/s | peak %.2f GiB | loss %s, final mse %.5g\n",
                 static_cast<long long>(p.block), p.seconds, p.fp_seconds, p.init_seconds, p.train_seconds, p.gptq_seconds,
-                p.propagate_seconds, static_cast<long long>(p.train_steps), b.ms_per_step, b.train_tflops,
-                100 * b.train_tflops / o.peak_tflops, o.peak_tflops, b.block_tflops, p.peak_bytes / 1073741824.0,
+                p.propagate_seconds, static_cast<long long>(p.train_steps), static_cast<long long>(p.graph_steps), b.ms_per_step,
+                b.train_tflops, 100 * b.train_tflops / o.peak_tflops, o.peak_tflops, b.block_tflops, p.peak_bytes / 1073741824.0,
                 p.epoch_loss.empty() ? "-" : strformat("%.5g -> %.5g", p.epoch_loss.front(), p.epoch_loss.back()).c_str(),
                 p.final_loss);
     std::fflush(stdout);

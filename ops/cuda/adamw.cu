@@ -51,6 +51,10 @@ struct ManyArgs {
   float* v[kManyMax];
   int64_t n[kManyMax];
   detail::AdamWScalars s[kManyMax];
+  // When set, tensor k's scalars are read from sd[si[k]] on the device instead of s[k]
+  // (adamw_step_many_indirect: a graph replay reads the step's scalars the host wrote before it).
+  const detail::AdamWScalars* sd;
+  int si[kManyMax];
 };
 
 __global__ void adamw_many_kernel(const __grid_constant__ ManyArgs a) {
@@ -58,9 +62,10 @@ __global__ void adamw_many_kernel(const __grid_constant__ ManyArgs a) {
   const int64_t n = a.n[k];
   float *p = a.p[k], *m = a.m[k], *v = a.v[k];
   const float* g = a.g[k];
+  const detail::AdamWScalars s = a.sd ? a.sd[a.si[k]] : a.s[k];
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    detail::adamw_update(p[i], m[i], v[i], g[i], a.s[k]);
+    detail::adamw_update(p[i], m[i], v[i], g[i], s);
 }
 
 bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
@@ -87,11 +92,15 @@ void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const d
   CUDA_CHECK_LAUNCH();
 }
 
-void adamw_step_many(const std::vector<AdamWParam>& ps, const std::vector<detail::AdamWScalars>& scalars) {
+namespace {
+// scalars (by value) or scalars_dev + index (indirect): exactly one is used.
+void launch_many(const std::vector<AdamWParam>& ps, const std::vector<detail::AdamWScalars>* scalars,
+                 const detail::AdamWScalars* scalars_dev, const std::vector<int>* index) {
   CudaContext& ctx = cuda_context(ps[0].param->device());
   for (size_t first = 0; first < ps.size(); first += kManyMax) {
     const size_t count = std::min(ps.size() - first, static_cast<size_t>(kManyMax));
     ManyArgs a{};
+    a.sd = scalars_dev;
     int64_t longest = 0;
     for (size_t i = 0; i < count; ++i) {
       const AdamWParam& q = ps[first + i];
@@ -100,7 +109,8 @@ void adamw_step_many(const std::vector<AdamWParam>& ps, const std::vector<detail
       a.m[i] = q.m->data_as<float>();
       a.v[i] = q.v->data_as<float>();
       a.n[i] = q.param->numel();
-      a.s[i] = scalars[first + i];
+      if (scalars) a.s[i] = (*scalars)[first + i];
+      else a.si[i] = (*index)[first + i];
       longest = std::max(longest, a.n[i]);
     }
     const unsigned int cap = std::max(1, ctx.prop.multiProcessorCount) * 2u;
@@ -108,6 +118,16 @@ void adamw_step_many(const std::vector<AdamWParam>& ps, const std::vector<detail
     adamw_many_kernel<<<grid, 256, 0, ctx.stream>>>(a);
     CUDA_CHECK_LAUNCH();
   }
+}
+}  // namespace
+
+void adamw_step_many(const std::vector<AdamWParam>& ps, const std::vector<detail::AdamWScalars>& scalars) {
+  launch_many(ps, &scalars, nullptr, nullptr);
+}
+
+void adamw_step_many_indirect(const std::vector<AdamWParam>& ps, const detail::AdamWScalars* scalars_dev,
+                              const std::vector<int>& index) {
+  launch_many(ps, nullptr, scalars_dev, &index);
 }
 
 }  // namespace omniq::cuda

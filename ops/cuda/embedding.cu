@@ -63,6 +63,25 @@ __global__ void embedding_backward_kernel(const T* dy, const int32_t* ids, float
   }
 }
 
+// One column (ag::gather's vector scatter-add): one thread per table row v sums dy[n] over the
+// positions with ids[n] == v in ascending n, from 0: the CPU reference's order, so the same bits, and
+// the same every run (fp32 atomics would add a GQA group's 3+ contributions in scheduling order).
+// Every thread reads all N ids (N ≤ a few thousand here: LET's per-channel vectors). Thread 0 flags
+// out-of-range ids.
+template <typename T>
+__global__ void gather_backward_scan_kernel(const T* dy, const int32_t* ids, float* dtable, int64_t N, int64_t V,
+                                            int* flag) {
+  const int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (v >= V) return;
+  float acc = 0.0f;
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t id = ids[n];
+    if (id == v) acc += to_f32(dy[n]);
+    if (v == 0 && (id < 0 || id >= V)) flag_bad(flag, n, N);
+  }
+  dtable[v] = acc;
+}
+
 // ---------------------------------------------------------------------------------------------
 // kernel launchers
 
@@ -110,8 +129,18 @@ Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab, bo
   if (N * C == 0) return dtable;
   CudaContext& ctx = cuda_context(dy.device());
   Tensor flag = Tensor::zeros(Shape{1}, DType::i32, dy.device());
+  // Vector gathers (C == 1) of moderate size take the deterministic scan; embedding tables keep
+  // the atomic scatter (V·N would be far too much work there, and nothing trains them).
+  const bool scan = C == 1 && static_cast<double>(vocab) * static_cast<double>(N) <= 1e8;
   ew::dispatch_f32_bf16(dy.dtype(), "embedding_backward", [&](auto tt) {
     using T = typename decltype(tt)::type;
+    if (scan) {
+      gather_backward_scan_kernel<T><<<grid_for(vocab, 256), 256, 0, ctx.stream>>>(
+          static_cast<const T*>(dy.data()), ids.data_as<int32_t>(), dtable.data_as<float>(), N, vocab,
+          flag.data_as<int>());
+      CUDA_CHECK_LAUNCH();
+      return;
+    }
     embedding_backward_kernel<T><<<ew::stride_grid(N * C, ctx), ew::kBlock, 0, ctx.stream>>>(
         static_cast<const T*>(dy.data()), ids.data_as<int32_t>(), dtable.data_as<float>(), N, C, vocab,
         flag.data_as<int>());
