@@ -15,6 +15,29 @@ namespace {
 Var result(Tensor value) { return constant(std::move(value)); }
 // Views share storage, so saving `alias()` of a value costs nothing.
 Tensor saved(const Var& v) { return v->value.alias(); }
+
+// Same-shape add/sub (the residual adds of every block): d(a ± b)/da = dy and d/db = ±dy, so the
+// gradients need no kernel at all. dy is the output's gradient, which Tape::backward drops right
+// after this node runs, and an op's output is never a parameter, so the first input may take dy's
+// storage itself (an alias). Why that is safe: the only in-place write to a gradient buffer is
+// accumulate_grad's `add_inplace(v.grad, g)` into the buffer v.grad owns, and after this node
+// nothing else refers to dy's storage -- except the other input's gradient if it were handed the
+// same storage. So the second input gets dy's storage only when the first did not keep it (its
+// gradient already existed and dy was just added into it, or it was converted to another dtype);
+// otherwise it gets a copy (sub: -dy, a fresh tensor anyway). That also covers add(x, x): x keeps
+// dy, then a copy is added into it. The values are those binary_backward returns (±dy exactly; a
+// dtype conversion of ±dy is exact or the same single rounding accumulate_grad applied before), so
+// gradients are bitwise unchanged; only the clone and the f32 round trip of db are gone.
+void same_shape_add_backward(BinaryOp op, const Tensor& dy, VarData& a, VarData& b) {
+  bool dy_taken = false;
+  if (a.requires_grad) {
+    accumulate_grad(a, dy.alias());
+    dy_taken = a.grad.defined() && a.grad.shares_storage_with(dy);
+  }
+  if (!b.requires_grad) return;
+  if (op == BinaryOp::sub) accumulate_grad(b, omniq::scale(dy, -1.0f));
+  else accumulate_grad(b, dy_taken ? dy.clone() : dy.alias());
+}
 }  // namespace
 
 Var linear(Tape& t, const Var& x, const Var& w, const Var& b) {
@@ -37,6 +60,13 @@ Var linear(Tape& t, const Var& x, const Var& w, const Var& b) {
 Var binary(Tape& t, BinaryOp op, const Var& a, const Var& b) {
   Var y = result(omniq::binary(op, a->value, b->value));
   t.record({a, b}, y, [op, a, b](const Tensor& dy) {
+    const bool additive = op == BinaryOp::add || op == BinaryOp::sub;
+    // dy in a's dtype: binary_backward would convert it first (a rounding), so keep that path then.
+    if (additive && a->value.shape() == b->value.shape() && dy.shape() == a->value.shape() &&
+        dy.dtype() == a->value.dtype()) {
+      same_shape_add_backward(op, dy, *a, *b);
+      return;
+    }
     BinaryGrads g = binary_backward(op, dy, a->value, b->value, a->requires_grad, b->requires_grad);
     accumulate_grad(*a, std::move(g.da));
     accumulate_grad(*b, std::move(g.db));
@@ -61,7 +91,8 @@ Var rmsnorm(Tape& t, const Var& x, const Var& w, float eps) {
   Var y = result(rmsnorm_forward(x->value, w->value, eps, &rstd));
   auto rstd_saved = std::make_shared<Tensor>(std::move(rstd));
   t.record({x, w}, y, [x, w, rstd_saved](const Tensor& dy) {
-    NormGrads g = rmsnorm_backward(dy, x->value, w->value, *rstd_saved);
+    // A constant norm weight (LWC-only training) skips the dw column sums.
+    NormGrads g = rmsnorm_backward(dy, x->value, w->value, *rstd_saved, x->requires_grad, w->requires_grad);
     accumulate_grad(*x, std::move(g.dx));
     accumulate_grad(*w, std::move(g.dw));
   });
@@ -73,7 +104,8 @@ Var layernorm(Tape& t, const Var& x, const Var& w, const Var& b, float eps) {
   Var y = result(layernorm_forward(x->value, w->value, b->value, eps, &mean, &rstd));
   auto stats = std::make_shared<std::pair<Tensor, Tensor>>(std::move(mean), std::move(rstd));
   t.record({x, w, b}, y, [x, w, b, stats](const Tensor& dy) {
-    NormGrads g = layernorm_backward(dy, x->value, w->value, stats->first, stats->second);
+    NormGrads g = layernorm_backward(dy, x->value, w->value, stats->first, stats->second, x->requires_grad,
+                                     w->requires_grad, b->requires_grad);
     accumulate_grad(*x, std::move(g.dx));
     accumulate_grad(*w, std::move(g.dw));
     accumulate_grad(*b, std::move(g.db));

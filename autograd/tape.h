@@ -12,6 +12,11 @@
 //    zero_grad() is called, so several samples can be accumulated before an optimizer step.
 //  * Intermediate Vars get their gradient during a backward() and release it once their own
 //    node has run; Tape::clear() drops all nodes and the tensors they saved.
+//  * Ownership: the first gradient to arrive is moved in as v.grad (no copy), later ones are added
+//    into it in place. A backward may therefore hand an input a view of its own dy (reshape, the
+//    same-shape add/sub): dy is dropped right after the node. The rule that keeps the in-place
+//    adds safe: no two live gradient buffers share storage, so a node hands one dy's storage to at
+//    most one input whose buffer keeps it (see same_shape_add_backward in functions.cpp).
 #pragma once
 #include <functional>
 #include <memory>
@@ -38,8 +43,9 @@ Var constant(Tensor value, std::string name = "");
 // A trainable leaf: value should be f32; its gradient is f32 and accumulates across backward().
 Var parameter(Tensor value, std::string name = "");
 
-// Adds `g` into v->grad (allocating it on first use: in f32 for parameters and f32_grad Vars, in
-// the value's dtype otherwise). No-op when v does not require grad.
+// Adds `g` into v->grad (on first use v->grad becomes g itself, converted to f32 for parameters and
+// f32_grad Vars, to the value's dtype otherwise: a view of g when no conversion is needed). No-op
+// when v does not require grad.
 void accumulate_grad(VarData& v, Tensor g);
 void zero_grad(const std::vector<Var>& params);
 

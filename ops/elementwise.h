@@ -33,10 +33,12 @@ Tensor scale(const Tensor& a, float s);  // a * s, a's dtype
 // Used for residual adds and gradient accumulation.
 void add_inplace(Tensor& a, const Tensor& b, float alpha = 1.0f);
 
-// Gradients of y = a (op) broadcast(b) given dy (a's shape). da has a's dtype and shape; db is f32
-// with b's shape: the broadcast dimension is summed (fp32 accumulation on CUDA, double on the CPU,
-// deterministic on both). A gradient that is not needed is left undefined. If dy's dtype differs
-// from a's, dy is converted to a's dtype first.
+// Gradients of y = a (op) broadcast(b) given dy (a's shape). da has a's dtype and shape; db has b's
+// shape: the broadcast dimension is summed (fp32 accumulation on CUDA, double on the CPU,
+// deterministic on both) and db is f32, except for a same-shape add/sub where b has dy's dtype:
+// there db = ±dy exactly, in that dtype (a copy, no f32 round trip; f32 would add nothing, and
+// b's dtype in general would round an f32 dy for a bf16 b). A gradient that is not needed is left
+// undefined. If dy's dtype differs from a's, dy is converted to a's dtype first.
 struct BinaryGrads {
   Tensor da, db;
 };

@@ -77,19 +77,21 @@ Tensor rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor* rstd
   return y;
 }
 
-NormGrads rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd) {
+NormGrads rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, bool need_dx,
+                           bool need_dw) {
   const char* op = "rmsnorm_backward";
   check_input(x, op);
   check_grad_inputs(dy, x, op);
   check_param(w, x, op, "w");
   check_row_stat(rstd, x, op, "rstd");
   NormGrads g;
-  g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
-  g.dw = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
+  if (need_dx) g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (need_dw) g.dw = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
   if (x.rows() == 0) {
-    g.dw.zero();
+    if (need_dw) g.dw.zero();
     return g;
   }
+  if (!need_dx && !need_dw) return g;
   if (x.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
     cuda::rmsnorm_backward(dy, x, w, rstd, g.dx, g.dw);
@@ -129,7 +131,7 @@ Tensor layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, floa
 }
 
 NormGrads layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                             const Tensor& rstd) {
+                             const Tensor& rstd, bool need_dx, bool need_dw, bool need_db) {
   const char* op = "layernorm_backward";
   check_input(x, op);
   check_grad_inputs(dy, x, op);
@@ -137,14 +139,15 @@ NormGrads layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
   check_row_stat(mean, x, op, "mean");
   check_row_stat(rstd, x, op, "rstd");
   NormGrads g;
-  g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
-  g.dw = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
-  g.db = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
+  if (need_dx) g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (need_dw) g.dw = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
+  if (need_db) g.db = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
   if (x.rows() == 0) {
-    g.dw.zero();
-    g.db.zero();
+    if (need_dw) g.dw.zero();
+    if (need_db) g.db.zero();
     return g;
   }
+  if (!need_dx && !need_dw && !need_db) return g;
   if (x.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
     cuda::layernorm_backward(dy, x, w, mean, rstd, g.dx, g.dw, g.db);

@@ -21,7 +21,9 @@
 // dw = Σ_rows dy·x̂ uses x̂ rounded as the forward used it (as PyTorch's autograd does); for dx the
 // rounding is treated as the identity (straight-through) and dx̂ = dy·w stays fp32, where PyTorch
 // would round dx̂ to bf16 first — a difference below the bf16 resolution of dx.
-// The backward functions return fresh gradients (no accumulation; autograd does the `+=`).
+// The backward functions return fresh gradients (no accumulation; autograd does the `+=`). Each
+// gradient has a need_* flag: one not needed is left undefined and costs nothing (a constant norm
+// weight, as in LWC-only training, skips the dw column sums: two kernels and a scratch buffer).
 // dw/db are column sums over all rows; on CUDA they are reduced in a fixed order (per-chunk partial
 // sums in an f32 scratch, then a second kernel), so results are deterministic run to run.
 #pragma once
@@ -38,16 +40,18 @@ struct NormGrads {
 // y = RMSNorm(x) · w. When rstd_out is non-null it receives f32 [rows] (1/sqrt(mean(x²)+eps) per
 // row) on x's device, which rmsnorm_backward needs.
 Tensor rmsnorm_forward(const Tensor& x /*[..., C]*/, const Tensor& w /*f32 [C]*/, float eps, Tensor* rstd_out);
-NormGrads rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd /*f32 [rows]*/);
+NormGrads rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd /*f32 [rows]*/,
+                           bool need_dx = true, bool need_dw = true);
 
 // y = LayerNorm(x) · w + b. mean_out / rstd_out (each may be null) receive f32 [rows].
 Tensor layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b /*f32 [C]*/, float eps, Tensor* mean_out,
                          Tensor* rstd_out);
 NormGrads layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                             const Tensor& rstd);
+                             const Tensor& rstd, bool need_dx = true, bool need_dw = true, bool need_db = true);
 
 // ---- backends (arguments already validated by the functions above; call those instead) ----
-// Each writes into preallocated outputs; mean/rstd outputs are always allocated by the caller.
+// Each writes into preallocated outputs; mean/rstd outputs are always allocated by the caller. A
+// gradient output (dx, dw, db) left undefined by the caller is not computed.
 namespace cpu {
 void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd);
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw);

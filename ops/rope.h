@@ -16,6 +16,13 @@
 //
 // rope_backward applies the inverse (transposed) rotation with the same c, s, so it is the exact
 // gradient of rope_forward as implemented (including the bf16 rounding of c, s).
+//
+// On CUDA the (c, s) table is computed once per (device, D, theta, dtype) for positions [0, P) and
+// kept for the process (a few MB; it grows geometrically when a call needs later positions). After
+// the first call with a key, calls within the cached positions launch only the apply kernel: no
+// table work, no allocation besides the output, no host synchronisation. So run one call eagerly
+// before capturing a CUDA graph; a call captured while the table would have to be (re)built uses a
+// per-call table inside the graph instead (correct, just the old cost).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -24,7 +31,7 @@
 
 namespace omniq {
 
-constexpr int64_t kRopeMaxHeadDim = 1024;  // the CUDA kernel keeps D/2 frequencies in shared memory
+constexpr int64_t kRopeMaxHeadDim = 1024;  // the CUDA table kernel takes the D/2 frequencies as a kernel parameter
 
 Tensor rope_forward(const Tensor& x, float theta, int64_t pos_offset = 0);
 Tensor rope_backward(const Tensor& dy, float theta, int64_t pos_offset = 0);

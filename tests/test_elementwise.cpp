@@ -62,6 +62,35 @@ double weighted_sum(const Tensor& y, const std::vector<float>& w) {
   return s;
 }
 
+// Same-shape add/sub: db = ±dy exactly, kept in b's dtype when that is dy's (no f32 round trip);
+// f32 otherwise (a bf16 b of an f32 dy would round), and always f32 for mul/div and the reductions.
+void check_same_shape_grads(Device dev) {
+  const DType dts[] = {DType::f32, DType::bf16};
+  for (DType adt : dts) {
+    for (DType bdt : dts) {
+      Tensor a = Tensor::uniform({5, 12}, -1, 1, 61, adt, dev), b = make_b({5, 12}, 62, bdt, dev);
+      Tensor dy = Tensor::uniform({5, 12}, -1, 1, 63, adt, dev);
+      std::vector<float> vdy = dy.to_f32_vector();
+      for (BinaryOp op : kOps) {
+        const std::string what = std::string(binary_op_name(op)) + " " + dtype_name(adt) + "/" + dtype_name(bdt);
+        BinaryGrads g = binary_backward(op, dy, a, b, true, true);
+        const bool additive = op == BinaryOp::add || op == BinaryOp::sub;
+        EXPECT_EQ(g.da.dtype(), adt) << what;
+        EXPECT_EQ(g.db.dtype(), additive && bdt == adt ? bdt : DType::f32) << what;
+        EXPECT_EQ(g.db.device(), dev) << what;
+        if (!additive) continue;
+        EXPECT_FALSE(g.da.shares_storage_with(dy) || g.db.shares_storage_with(dy))
+            << what << ": the op returns fresh gradients";
+        std::vector<float> da = g.da.to_f32_vector(), db = g.db.to_f32_vector();
+        for (size_t i = 0; i < vdy.size(); ++i) {
+          ASSERT_EQ(da[i], vdy[i]) << what << " da " << i;
+          ASSERT_EQ(db[i], op == BinaryOp::sub ? -vdy[i] : vdy[i]) << what << " db " << i;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TEST(Elementwise, BinaryMatchesLoopsForEveryBroadcastForm) {
@@ -164,6 +193,8 @@ TEST(Elementwise, BinaryBackwardSkipsUnneededGradients) {
   EXPECT_FALSE(g.db.defined());
   EXPECT_THROW(binary_backward(BinaryOp::mul, Tensor::zeros({4, 5}, DType::f32), a, b, true, true), Error);
 }
+
+TEST(Elementwise, SameShapeAddSubGradientsKeepTheDtype) { check_same_shape_grads(Device::cpu()); }
 
 // ---------------------------------------------------------------------------------------------
 // CUDA vs CPU. Tolerances: the ops are single fp32 operations with IEEE division and no FMA on
@@ -292,6 +323,24 @@ TEST(ElementwiseCuda, BinaryBackwardMatchesCpu) {
           EXPECT_TRUE(all_close(got.db, ref.db, db_atol, 1e-4f)) << "db " << what;
         }
       }
+    }
+  }
+}
+
+TEST(ElementwiseCuda, SameShapeAddSubGradientsKeepTheDtype) {
+  OMNIQ_REQUIRE_CUDA();
+  check_same_shape_grads(Device::cuda());
+  // The LLaMA-7B residual shape: same-shape add/sub gradients are bitwise ±dy on both backends.
+  for (DType dt : {DType::f32, DType::bf16}) {
+    Tensor a = Tensor::uniform({2048, 4096}, -1, 1, 71, dt), b = Tensor::uniform({2048, 4096}, -1, 1, 72, dt);
+    Tensor dy = Tensor::uniform({2048, 4096}, -1, 1, 73, dt);
+    Tensor a_gpu = a.to(Device::cuda()), b_gpu = b.to(Device::cuda()), dy_gpu = dy.to(Device::cuda());
+    for (BinaryOp op : {BinaryOp::add, BinaryOp::sub}) {
+      BinaryGrads ref = binary_backward(op, dy, a, b, true, true);
+      BinaryGrads got = binary_backward(op, dy_gpu, a_gpu, b_gpu, true, true);
+      EXPECT_EQ(got.db.dtype(), dt);
+      EXPECT_TRUE(all_close(got.da, ref.da, 0, 0)) << binary_op_name(op) << " " << dtype_name(dt);
+      EXPECT_TRUE(all_close(got.db, ref.db, 0, 0)) << binary_op_name(op) << " " << dtype_name(dt);
     }
   }
 }

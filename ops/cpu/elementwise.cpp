@@ -78,7 +78,10 @@ BinaryGrads binary_backward(BinaryOp op, const Tensor& dy, const Tensor& a, cons
   if (need_da) grads.da = Tensor::from_f32(da, a.shape(), a.dtype());
   if (need_db) {
     std::vector<float> dbf(db.begin(), db.end());
-    grads.db = Tensor::from_f32(dbf, b.shape(), DType::f32);
+    // Same-shape add/sub: db = ±dy holds values of dy's dtype, so b's dtype (when it is dy's) is exact.
+    const bool exact_in_b = (op == BinaryOp::add || op == BinaryOp::sub) && bc == Broadcast::same &&
+                            b.dtype() == dy.dtype();
+    grads.db = Tensor::from_f32(dbf, b.shape(), exact_in_b ? b.dtype() : DType::f32);
   }
   return grads;
 }

@@ -50,31 +50,35 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Ten
 
 // y_c = w_c · x_c · r with r = (mean(x²) + eps)^(-1/2), so ∂r/∂x_j = −r³ x_j / C and
 //   dx_j = r · (g_j − x̂_j · mean_c(g_c · x̂_c)),   g = dy · w,  x̂ = x · r.
+// An undefined dx or dw is not computed (see ops/norm.h).
 void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw) {
   const int64_t R = x.rows(), C = x.cols();
   const DType dt = x.dtype();
+  const bool need_dx = dx.defined(), need_dw = dw.defined();
   const std::vector<float> xv = x.to_f32_vector(), dyv = dy.to_f32_vector();
   const float* wp = w.data_as<const float>();
   const float* rsp = rstd.data_as<const float>();
-  std::vector<float> dxv(xv.size());
-  std::vector<double> dw_acc(C, 0.0);
+  std::vector<float> dxv(need_dx ? xv.size() : 0);
+  std::vector<double> dw_acc(need_dw ? C : 0, 0.0);
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = &xv[r * C];
     const float* gr = &dyv[r * C];
     const float rs = rsp[r];
-    double dot = 0;
-    for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(gr[c] * wp[c]) * (xr[c] * rs);
-    const float mean_dot = static_cast<float>(dot / C);
-    for (int64_t c = 0; c < C; ++c) {
-      const float xhat = xr[c] * rs;
-      dxv[r * C + c] = rs * (gr[c] * wp[c] - xhat * mean_dot);
-      // dw uses x̂ as the forward multiplied it: rounded to x's dtype.
-      dw_acc[c] += static_cast<double>(gr[c]) * round_to(dt, xhat);
+    if (need_dx) {
+      double dot = 0;
+      for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(gr[c] * wp[c]) * (xr[c] * rs);
+      const float mean_dot = static_cast<float>(dot / C);
+      for (int64_t c = 0; c < C; ++c) dxv[r * C + c] = rs * (gr[c] * wp[c] - (xr[c] * rs) * mean_dot);
     }
+    // dw uses x̂ as the forward multiplied it: rounded to x's dtype.
+    if (need_dw)
+      for (int64_t c = 0; c < C; ++c) dw_acc[c] += static_cast<double>(gr[c]) * round_to(dt, xr[c] * rs);
   }
-  store(dx, dxv);
-  float* dwp = dw.data_as<float>();
-  for (int64_t c = 0; c < C; ++c) dwp[c] = static_cast<float>(dw_acc[c]);
+  if (need_dx) store(dx, dxv);
+  if (need_dw) {
+    float* dwp = dw.data_as<float>();
+    for (int64_t c = 0; c < C; ++c) dwp[c] = static_cast<float>(dw_acc[c]);
+  }
 }
 
 void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y, Tensor& mean,
@@ -103,40 +107,47 @@ void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, float 
 }
 
 // x̂ = (x − mean)·r; with g = dy·w:  dx_j = r · (g_j − mean_c(g_c) − x̂_j · mean_c(g_c · x̂_c)),
-// dw = Σ_rows dy·x̂, db = Σ_rows dy.
+// dw = Σ_rows dy·x̂, db = Σ_rows dy. An undefined dx, dw or db is not computed.
 void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
                         Tensor& dx, Tensor& dw, Tensor& db) {
   const int64_t R = x.rows(), C = x.cols();
+  const bool need_dx = dx.defined(), need_dw = dw.defined(), need_db = db.defined();
   const std::vector<float> xv = x.to_f32_vector(), dyv = dy.to_f32_vector();
   const float* wp = w.data_as<const float>();
   const float* mp = mean.data_as<const float>();
   const float* rsp = rstd.data_as<const float>();
-  std::vector<float> dxv(xv.size());
-  std::vector<double> dw_acc(C, 0.0), db_acc(C, 0.0);
+  std::vector<float> dxv(need_dx ? xv.size() : 0);
+  std::vector<double> dw_acc(need_dw ? C : 0, 0.0), db_acc(need_db ? C : 0, 0.0);
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = &xv[r * C];
     const float* gr = &dyv[r * C];
     const float m = mp[r], rs = rsp[r];
-    double sum_g = 0, sum_gx = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const float g = gr[c] * wp[c];
-      sum_g += g;
-      sum_gx += static_cast<double>(g) * ((xr[c] - m) * rs);
+    if (need_dx) {
+      double sum_g = 0, sum_gx = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const float g = gr[c] * wp[c];
+        sum_g += g;
+        sum_gx += static_cast<double>(g) * ((xr[c] - m) * rs);
+      }
+      const float mean_g = static_cast<float>(sum_g / C), mean_gx = static_cast<float>(sum_gx / C);
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = (xr[c] - m) * rs;
+        dxv[r * C + c] = rs * (gr[c] * wp[c] - mean_g - xhat * mean_gx);
+      }
     }
-    const float mean_g = static_cast<float>(sum_g / C), mean_gx = static_cast<float>(sum_gx / C);
     for (int64_t c = 0; c < C; ++c) {
-      const float xhat = (xr[c] - m) * rs;
-      dxv[r * C + c] = rs * (gr[c] * wp[c] - mean_g - xhat * mean_gx);
-      dw_acc[c] += static_cast<double>(gr[c]) * xhat;
-      db_acc[c] += gr[c];
+      if (need_dw) dw_acc[c] += static_cast<double>(gr[c]) * ((xr[c] - m) * rs);
+      if (need_db) db_acc[c] += gr[c];
     }
   }
-  store(dx, dxv);
-  float* dwp = dw.data_as<float>();
-  float* dbp = db.data_as<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    dwp[c] = static_cast<float>(dw_acc[c]);
-    dbp[c] = static_cast<float>(db_acc[c]);
+  if (need_dx) store(dx, dxv);
+  if (need_dw) {
+    float* dwp = dw.data_as<float>();
+    for (int64_t c = 0; c < C; ++c) dwp[c] = static_cast<float>(dw_acc[c]);
+  }
+  if (need_db) {
+    float* dbp = db.data_as<float>();
+    for (int64_t c = 0; c < C; ++c) dbp[c] = static_cast<float>(db_acc[c]);
   }
 }
 

@@ -182,7 +182,8 @@ void add_inplace(Tensor& a, const Tensor& b, float alpha) {
 
 // Composed from the forward kernels and the deterministic reductions of reduce.cu:
 //   da = dy (add/sub), dy * b (mul), dy / b (div)
-//   db = reduce_broadcast(+-dy) (add/sub) or reduce_broadcast(term) with term from db_term_kernel.
+//   db = reduce_broadcast(+-dy) (add/sub) or reduce_broadcast(term) with term from db_term_kernel;
+//        a same-shape add/sub with b in dy's dtype just copies +-dy.
 BinaryGrads binary_backward(BinaryOp op, const Tensor& dy, const Tensor& a, const Tensor& b, Broadcast bc,
                             bool need_da, bool need_db) {
   BinaryGrads grads;
@@ -191,6 +192,11 @@ BinaryGrads binary_backward(BinaryOp op, const Tensor& dy, const Tensor& a, cons
     else grads.da = cuda::binary(op, dy, b, bc);  // dy * b or dy / b: exactly d(a op b)/da * dy
   }
   if (!need_db) return grads;
+  if ((op == BinaryOp::add || op == BinaryOp::sub) && bc == Broadcast::same && b.dtype() == dy.dtype()) {
+    // db = ±dy exactly, in b's (= dy's) dtype: one copy, no f32 conversion (see elementwise.h).
+    grads.db = op == BinaryOp::sub ? cuda::scale(dy, -1.0f) : dy.clone();
+    return grads;
+  }
 
   const int64_t n = a.numel(), C = a.cols();
   Tensor term;  // what gets summed over the broadcast dimension

@@ -154,7 +154,8 @@ __global__ void norm_backward_dx_kernel(const T* __restrict__ dy, const T* __res
 constexpr int kDwCols = 32;     // columns per block (one per lane: a warp reads 32 consecutive elements)
 constexpr int kDwRowLanes = 16;  // threads per column, striding over the chunk's rows
 
-// Partial column sums over one chunk of rows: part_dw[chunk, c] = Σ dy·x̂, part_db[chunk, c] = Σ dy.
+// Partial column sums over one chunk of rows: part_dw[chunk, c] = Σ dy·x̂, part_db[chunk, c] = Σ dy
+// (each only when its pointer is non-null: a gradient that is not needed is not written).
 // grid = (ceil(C / 32), chunks), block = (32, 16). Every (chunk, c < C) is written, even when empty.
 template <typename T, bool kLayer>
 __global__ void norm_dw_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
@@ -186,8 +187,8 @@ __global__ void norm_dw_partial_kernel(const T* __restrict__ dy, const T* __rest
       sw += s_dw[k][threadIdx.x];
       sb += s_db[k][threadIdx.x];
     }
-    part_dw[blockIdx.y * static_cast<int64_t>(C) + c] = sw;
-    if constexpr (kLayer) part_db[blockIdx.y * static_cast<int64_t>(C) + c] = sb;
+    if (part_dw) part_dw[blockIdx.y * static_cast<int64_t>(C) + c] = sw;
+    if (kLayer && part_db) part_db[blockIdx.y * static_cast<int64_t>(C) + c] = sb;
   }
 }
 
@@ -267,41 +268,54 @@ void launch_forward(const Tensor& x, const Tensor& w, const Tensor* b, float eps
   });
 }
 
+// dx, dw, db: each computed only when defined (ops/norm.h: a gradient that is not needed is left
+// undefined). The dw/db partial sums share one kernel, which runs when either is needed.
 template <bool kLayer>
 void launch_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor* mean, const Tensor& rstd,
                      Tensor& dx, Tensor& dw, Tensor* db, const char* op) {
   const int64_t rows = x.rows();
   const int C = static_cast<int>(x.cols());
   CudaContext& ctx = cuda_context(x.device());
-  const RowLaunch l = row_launch(rows, C, op);
-  const bool vec = can_vectorise(C, x.dtype(), {x.data(), dy.data(), dx.data(), w.data()});
   const float* mean_p = mean ? mean->data_as<const float>() : nullptr;
+  const bool need_dx = dx.defined(), need_dw = dw.defined(), need_db = kLayer && db && db->defined();
 
-  // Chunking of the dw/db column sums: >= 64 rows per chunk, <= 256 chunks (scratch <= 256·C floats).
+  if (need_dx) {
+    const RowLaunch l = row_launch(rows, C, op);
+    const bool vec = can_vectorise(C, x.dtype(), {x.data(), dy.data(), dx.data(), w.data()});
+    with_dtype(x.dtype(), op, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      ew::with_row_layout(vec, l.block_row, [&](auto vec_tag, auto block_tag) {
+        constexpr int kVec = decltype(vec_tag)::value ? static_cast<int>(16 / sizeof(T)) : 1;
+        norm_backward_dx_kernel<T, kVec, decltype(block_tag)::value, kLayer><<<l.grid, l.block, 0, ctx.stream>>>(
+            dy.data_as<const T>(), x.data_as<const T>(), w.data_as<const float>(), mean_p,
+            rstd.data_as<const float>(), dx.data_as<T>(), rows, C);
+        CUDA_CHECK_LAUNCH();
+      });
+    });
+  }
+  if (!need_dw && !need_db) return;
+
+  // Chunking of the dw/db column sums: >= 64 rows per chunk, <= 256 chunks (scratch <= 256·C floats
+  // per gradient). It depends on the shape only, so the sums are the same whichever are needed.
   const int64_t chunks = std::min<int64_t>((rows + 63) / 64, 256);
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-  Tensor scratch = Tensor::empty(Shape{kLayer ? 2 : 1, chunks, C}, DType::f32, x.device());
-  float* part_dw = scratch.data_as<float>();
-  float* part_db = kLayer ? part_dw + chunks * C : nullptr;
+  Tensor scratch = Tensor::empty(Shape{int64_t{need_dw} + int64_t{need_db}, chunks, C}, DType::f32, x.device());
+  float* part_dw = need_dw ? scratch.data_as<float>() : nullptr;
+  float* part_db = need_db ? scratch.data_as<float>() + (need_dw ? chunks * C : 0) : nullptr;
 
   with_dtype(x.dtype(), op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    ew::with_row_layout(vec, l.block_row, [&](auto vec_tag, auto block_tag) {
-      constexpr int kVec = decltype(vec_tag)::value ? static_cast<int>(16 / sizeof(T)) : 1;
-      norm_backward_dx_kernel<T, kVec, decltype(block_tag)::value, kLayer><<<l.grid, l.block, 0, ctx.stream>>>(
-          dy.data_as<const T>(), x.data_as<const T>(), w.data_as<const float>(), mean_p, rstd.data_as<const float>(),
-          dx.data_as<T>(), rows, C);
-      CUDA_CHECK_LAUNCH();
-    });
     const dim3 grid(static_cast<unsigned int>((C + kDwCols - 1) / kDwCols), static_cast<unsigned int>(chunks));
     norm_dw_partial_kernel<T, kLayer><<<grid, dim3(kDwCols, kDwRowLanes), 0, ctx.stream>>>(
         dy.data_as<const T>(), x.data_as<const T>(), mean_p, rstd.data_as<const float>(), rows, C, rows_per_chunk,
         part_dw, part_db);
     CUDA_CHECK_LAUNCH();
   });
-  column_sum_kernel<<<grid_for(C, 256), 256, 0, ctx.stream>>>(part_dw, chunks, C, dw.data_as<float>());
-  CUDA_CHECK_LAUNCH();
-  if (kLayer) {
+  if (need_dw) {
+    column_sum_kernel<<<grid_for(C, 256), 256, 0, ctx.stream>>>(part_dw, chunks, C, dw.data_as<float>());
+    CUDA_CHECK_LAUNCH();
+  }
+  if (need_db) {
     column_sum_kernel<<<grid_for(C, 256), 256, 0, ctx.stream>>>(part_db, chunks, C, db->data_as<float>());
     CUDA_CHECK_LAUNCH();
   }
