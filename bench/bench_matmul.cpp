@@ -22,6 +22,7 @@
 #ifdef OMNIQ_HAS_CUDA
 #include <cuda_runtime.h>
 
+#include "ops/cuda/flash_attention.h"
 #include "runtime/cuda_context.h"
 #endif
 
@@ -132,22 +133,47 @@ void bench_attention(const Options& o, omniq::Device dev, cudaStream_t stream, c
   const double gemm = 0.5 * 2.0 * B * H * T * T * D;  // one causal T x T x D product over all heads
   std::printf("\nattention %s, bf16, causal, B=%lld T=%lld H=%lld Hkv=%lld D=%lld (causal-useful FLOPs)\n", label,
               (long long)B, (long long)T, (long long)H, (long long)Hkv, (long long)D);
-  const double fwd = time_ms(o, stream, [&]() { Tensor l; Tensor y = attention_forward(q, k, v, scale, true, &l); });
-  report("attention_forward", fwd, 2 * gemm, o);
-  // Both backward modes (ops/attention.h: ordered fp32 adds vs fp32 atomics) for the A/B; the
-  // total below uses the process-wide one (OMNIQ_NONDETERMINISTIC_ATTENTION=1 picks atomic).
-  const bool mode0 = attention_deterministic();
-  double bwd = 0, bwd_mode[2] = {0, 0};
-  for (bool det : {true, false}) {
-    set_attention_deterministic(det);
-    bwd_mode[det] = time_ms(o, stream, [&]() {
-      AttentionGrads g = attention_backward(dout, q, k, v, out, lse, scale, true);
-    });
-    report(det ? "attention_backward (deterministic)" : "attention_backward (atomic)", bwd_mode[det], 5 * gemm, o);
-    if (det == mode0) bwd = bwd_mode[det];
+  // Both flash forward kernels (v1, the default; v2 128-query CTAs, OMNIQ_FLASH_FWD_V2=1);
+  // the total below uses the process-wide one.
+  const int fvariant0 = cuda::flash_forward_variant();
+  double fwd = 0, fwd_v[3] = {0, 0, 0};
+  for (int variant : {2, 1}) {
+    cuda::set_flash_forward_variant(variant);
+    fwd_v[variant] = time_ms(o, stream, [&]() { Tensor l; Tensor y = attention_forward(q, k, v, scale, true, &l); });
+    char name[64];
+    std::snprintf(name, sizeof(name), "attention_forward v%d", variant);
+    report(name, fwd_v[variant], 2 * gemm, o);
+    if (variant == fvariant0) fwd = fwd_v[variant];
   }
+  cuda::set_flash_forward_variant(fvariant0);
+  std::printf("v2 vs v1 forward time: %.2fx faster\n", fwd_v[1] / fwd_v[2]);
+  // Both backward modes (ops/attention.h: ordered fp32 adds vs fp32 atomics) and both flash
+  // backward kernels (ops/cuda/flash_attention.h: v2 128-key CTAs, the default; v1 64-key CTAs,
+  // OMNIQ_FLASH_BWD_V1=1) for the A/B; times include attn_delta_kernel and the dQ/dK/dV
+  // conversions. The total below uses the process-wide mode and variant.
+  const bool mode0 = attention_deterministic();
+  const int variant0 = cuda::flash_backward_variant();
+  double bwd = 0, bwd_mode[3][2] = {{0, 0}, {0, 0}, {0, 0}};
+  for (int variant : {2, 1}) {
+    cuda::set_flash_backward_variant(variant);
+    for (bool det : {true, false}) {
+      set_attention_deterministic(det);
+      bwd_mode[variant][det] = time_ms(o, stream, [&]() {
+        AttentionGrads g = attention_backward(dout, q, k, v, out, lse, scale, true);
+      });
+      char name[64];
+      std::snprintf(name, sizeof(name), "attention_backward v%d (%s)", variant, det ? "deterministic" : "atomic");
+      report(name, bwd_mode[variant][det], 5 * gemm, o);
+      if (det == mode0 && variant == variant0) bwd = bwd_mode[variant][det];
+    }
+  }
+  cuda::set_flash_backward_variant(variant0);
   set_attention_deterministic(mode0);
-  std::printf("deterministic backward costs %+.1f%% over atomic\n", 100.0 * (bwd_mode[1] / bwd_mode[0] - 1.0));
+  for (int variant : {2, 1})
+    std::printf("v%d: deterministic backward costs %+.1f%% over atomic\n", variant,
+                100.0 * (bwd_mode[variant][1] / bwd_mode[variant][0] - 1.0));
+  std::printf("v2 vs v1 backward time: deterministic %.2fx, atomic %.2fx faster\n", bwd_mode[1][1] / bwd_mode[2][1],
+              bwd_mode[1][0] / bwd_mode[2][0]);
   report("attention forward+backward", fwd + bwd, 7 * gemm, o);
   const MemoryStats ms = memory_stats(dev);
   std::printf("scratch peak above inputs: %.1f MiB (outputs + lse/delta + fp32 dQ accumulator when flash)\n",

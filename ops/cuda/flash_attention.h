@@ -18,9 +18,23 @@ bool flash_attention_supported(const Tensor& q, const Tensor& k, const Tensor& v
 Tensor flash_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
                                Tensor* lse_out);
 
+// Two forward kernels, same results up to fp32 rounding (flash_attention_forward calls the selected
+// one): 1: 64-query CTAs, 16 rows per warp (ops/cuda/flash_attention.cu), the default (H100, 7B
+// MHA T = 2048: 0.153 ms vs 0.172 ms for 2, which spills); 2: 128-query CTAs, 32 rows per warp
+// (ops/cuda/flash_attention_forward_v2.cu), D = 128 only (D = 64 always takes 1).
+// OMNIQ_FLASH_FWD_V2 set to anything but "" or "0" picks 2 (read at the first query);
+// set_flash_forward_variant (1 or 2) wins over the environment.
+void set_flash_forward_variant(int variant);
+int flash_forward_variant();
+Tensor flash_attention_forward_v1(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
+                                  Tensor* lse_out);
+Tensor flash_attention_forward_v2(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
+                                  Tensor* lse_out);
+
 // dq, dk, dv in q's dtype from delta = rowsum(dout ⊙ out) [B,Hq,T] f32 and the forward's lse.
 // kv_splits: over how many CTAs the G = Hq/Hkv query heads of one kv head's key tile are spread
-// (must divide G; 0 picks flash_attention_kv_splits). Exposed so tests can force both paths.
+// (must divide G; 0 picks the variant's automatic choice, flash_attention_kv_splits or _v2).
+// Exposed so tests can force every path.
 // deterministic: fp32 partial sums (dQ over key tiles, dK/dV over splits) are added in a fixed
 // order, so the result is bitwise reproducible; false: fp32 atomics in scheduling order. The
 // default is the process-wide attention_deterministic() (ops/attention.h).
@@ -28,7 +42,23 @@ AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, con
                                         const Tensor& delta, const Tensor& lse, float scale, bool causal,
                                         int kv_splits = 0, bool deterministic = attention_deterministic());
 
-// The automatic choice: the fewest splits (a divisor of G) giving >= 4 CTAs per SM, else G.
+// The automatic choice of variant 1: the fewest splits (a divisor of G) giving >= 4 CTAs per SM, else G.
 int flash_attention_kv_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int sms);
+// Variant 2's (128-key CTAs, one resident per SM at D = 128): the fewest splits giving >= 3 CTAs per SM.
+int flash_attention_kv_splits_v2(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int sms);
+
+// Two backward kernels, same contract (flash_attention_backward calls the selected one):
+//   1: 64-key CTAs of 4 warps (ops/cuda/flash_attention_backward.cu), the previous default;
+//   2: 128-key CTAs of 8 warps (ops/cuda/flash_attention_backward_v2.cu), the default.
+// Process-wide; OMNIQ_FLASH_BWD_V1 set to anything but "" or "0" picks 1 (read at the first query);
+// set_flash_backward_variant (1 or 2) wins over the environment. For A/B timing and for tests.
+void set_flash_backward_variant(int variant);
+int flash_backward_variant();
+AttentionGrads flash_attention_backward_v1(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& delta, const Tensor& lse, float scale, bool causal,
+                                           int kv_splits, bool deterministic);
+AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& delta, const Tensor& lse, float scale, bool causal,
+                                           int kv_splits, bool deterministic);
 
 }  // namespace omniq::cuda

@@ -1,5 +1,9 @@
 // Flash attention backward (FA2 algorithm) for bf16/f16 and D ∈ {64, 128} on tensor cores, see
 // ops/cuda/flash_attention.h (the forward and the shared primitives are next to this file).
+// This is variant 1 (64-key CTAs of 4 warps), kept selectable with OMNIQ_FLASH_BWD_V1=1 for A/B
+// runs; the default is variant 2 (128-key CTAs of 8 warps, ops/cuda/flash_attention_backward_v2.cu),
+// which follows the same design with the changes listed in its header. The variant switch and the
+// public entry flash_attention_backward are at the end of this file.
 //
 // CTA (64 keys, kv head, batch, split) loops over G/splits query heads of its kv head and their
 // 64-query tiles (from the diagonal down when causal), recomputing Pᵀ = exp(scale·K·Qᵀ − lse) and
@@ -32,6 +36,10 @@
 // later one can have (it waits for this one), so the counter equals its turn and it runs to the end;
 // by induction every CTA finishes, whatever the residency (one CTA per SM would do). A wait beyond
 // 20 s traps (an error instead of a hang) should that dispatch assumption ever break.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 #include "ops/cuda/flash_attention.h"
 #include "ops/cuda/flash_attention_common.cuh"
 #include "runtime/cuda_context.h"
@@ -45,48 +53,7 @@ using namespace flash;
 // ---------------------------------------------------------------------------------------------
 // CUDA kernels
 
-__device__ __forceinline__ int load_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
-  return t;
-}
-
-// Thread 0 spins until *ctr reaches `turn`. Its acquire load makes the adds that the previous
-// contributor fenced before incrementing visible to it; the caller's next __syncthreads() extends
-// that ordering to the whole CTA before anyone adds.
-__device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
-  if (threadIdx.x != 0) return;
-  uint64_t t0 = 0;
-  for (unsigned polls = 1; load_acquire(ctr) < turn; ++polls) {
-    __nanosleep(32);
-    if ((polls & 4095u) == 0) {
-      const uint64_t now = globaltimer_ns();
-      if (t0 == 0) {
-        t0 = now;
-      } else if (now - t0 > 20000000000ull) {
-        printf("flash_attention_backward: block (%d,%d,%d) waited 20 s for turn %d (counter %d): deadlock\n",
-               blockIdx.x, blockIdx.y, blockIdx.z, turn, load_acquire(ctr));
-        __trap();
-      }
-    }
-  }
-}
-
-// Every thread's adds are made visible GPU-wide (its own fence: they drain to L2) before thread 0
-// hands the turn on with a release increment (cumulative over the CTA through the barrier; the
-// per-thread fences make that independent of barrier cumulativity). fence.acq_rel, not
-// __threadfence()'s fence.sc: a release pattern needs no sequential consistency.
-__device__ __forceinline__ void pass_turn(int* ctr) {
-  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-  __syncthreads();
-  if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(ctr) : "memory");
-}
+// (load_acquire, wait_turn and pass_turn live in flash_attention_common.cuh, shared with v2.)
 
 // grid (Hkv·splits, ceil(T/64), B); key tile kt = blockIdx.y: the longest causal tiles (kt = 0)
 // start first. CTA x handles kv head x / splits and its query heads [split·hpc, (split+1)·hpc) with
@@ -328,9 +295,9 @@ int flash_attention_kv_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int
   return static_cast<int>(G);
 }
 
-AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                                        const Tensor& delta, const Tensor& lse, float scale, bool causal,
-                                        int kv_splits, bool deterministic) {
+AttentionGrads flash_attention_backward_v1(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& delta, const Tensor& lse, float scale, bool causal,
+                                           int kv_splits, bool deterministic) {
   OMNIQ_CHECK(aligned16(v) && aligned16(dout), "flash_attention_backward: v %s / dout %s not 16-byte aligned",
               v.str().c_str(), dout.str().c_str());
   const Device dev = q.device();
@@ -391,6 +358,37 @@ AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, con
     }
   });
   return g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// variant switch (v1: the kernel above; v2: ops/cuda/flash_attention_backward_v2.cu)
+
+namespace {
+std::atomic<int> g_bwd_variant{0};  // 0: not decided yet (the environment is read at the first query)
+}  // namespace
+
+void set_flash_backward_variant(int variant) {
+  OMNIQ_CHECK(variant == 1 || variant == 2, "set_flash_backward_variant: variant %d is not 1 or 2", variant);
+  g_bwd_variant.store(variant);
+}
+
+int flash_backward_variant() {
+  int v = g_bwd_variant.load();
+  if (v == 0) {
+    const char* env = std::getenv("OMNIQ_FLASH_BWD_V1");
+    const int from_env = (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 1 : 2;
+    g_bwd_variant.compare_exchange_strong(v, from_env);  // loses only to a concurrent explicit set
+    v = g_bwd_variant.load();
+  }
+  return v;
+}
+
+AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const Tensor& delta, const Tensor& lse, float scale, bool causal,
+                                        int kv_splits, bool deterministic) {
+  if (flash_backward_variant() == 1)
+    return flash_attention_backward_v1(dout, q, k, v, delta, lse, scale, causal, kv_splits, deterministic);
+  return flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, kv_splits, deterministic);
 }
 
 }  // namespace omniq::cuda

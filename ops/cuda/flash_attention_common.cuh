@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <type_traits>
 
 #include "runtime/dtype.h"
@@ -121,6 +122,93 @@ __device__ __forceinline__ void atomic_add2(float* p, float a, float b) {
   atomicAdd(p, a);
   atomicAdd(p + 1, b);
 #endif
+}
+
+// Generic form of load_tile_async for ROWS rows copied by THREADS threads (the v2 backward's
+// 128-key K/V tiles and its 256-thread CTA).
+template <typename E, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_rows_async(E* s, const E* g, int64_t ldg, int rows_valid) {
+  constexpr int kChunks = D / 8;
+  static_assert(ROWS * kChunks % THREADS == 0, "tile copy must split evenly over the CTA");
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = r < rows_valid;
+    cp_async16(s + r * (D + 8) + col, ok ? g + r * ldg + col : g, ok);
+  }
+}
+
+// 4-byte global->shared copy, zero-filled when !valid (gmem must still be a valid address).
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+
+__device__ __forceinline__ void atomic_add4(float* p, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), v);  // one vector RED (sm_90+), 16-byte aligned p
+#else
+  atomicAdd(p, v.x);
+  atomicAdd(p + 1, v.y);
+  atomicAdd(p + 2, v.z);
+  atomicAdd(p + 3, v.w);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Turn counters of the deterministic ("ordered") backward, see ops/cuda/flash_attention_backward.cu.
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+// Thread 0 spins until *ctr reaches `turn`. Its acquire load makes the adds that the previous
+// contributor fenced before incrementing visible to it; the caller's next __syncthreads() extends
+// that ordering to the whole CTA before anyone adds.
+__device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
+  if (threadIdx.x != 0) return;
+  uint64_t t0 = 0;
+  for (unsigned polls = 1; load_acquire(ctr) < turn; ++polls) {
+    __nanosleep(32);
+    if ((polls & 4095u) == 0) {
+      const uint64_t now = globaltimer_ns();
+      if (t0 == 0) {
+        t0 = now;
+      } else if (now - t0 > 20000000000ull) {
+        printf("flash_attention_backward: block (%d,%d,%d) waited 20 s for turn %d (counter %d): deadlock\n",
+               blockIdx.x, blockIdx.y, blockIdx.z, turn, load_acquire(ctr));
+        __trap();
+      }
+    }
+  }
+}
+
+// This thread's earlier global writes/adds are performed GPU-wide before anything it does after.
+// fence.acq_rel, not __threadfence()'s fence.sc: a release pattern needs no sequential consistency.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
+// Thread 0 hands the turn on (called after a barrier that follows every thread's fence).
+__device__ __forceinline__ void release_increment(int* ctr) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(ctr) : "memory");
+}
+
+// Every thread's adds are made visible GPU-wide (its own fence: they drain to L2) before thread 0
+// hands the turn on with a release increment (cumulative over the CTA through the barrier; the
+// per-thread fences make that independent of barrier cumulativity).
+__device__ __forceinline__ void pass_turn(int* ctr) {
+  fence_acq_rel_gpu();
+  __syncthreads();
+  if (threadIdx.x == 0) release_increment(ctr);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,251 @@
+// The two flash attention backward kernels (ops/cuda/flash_attention.h: variant 2, the default,
+// 128-key CTAs of 8 warps; variant 1, the previous 64-key CTAs of 4 warps), and likewise the two
+// forward kernels (128- vs 64-query CTAs; ForwardVariants* below), on the shapes where they
+// differ: T around the 128-key tile (64, 127, 128, 129, 191, 192, 193, 255, 320), where variant 2's
+// causal query range (from tile 2·kt), its diagonal "last contributor" (kt = mt/2), its masked
+// warps (keys after a query tile, or past the end) and its padding queries are exercised; every
+// kv split; both modes. Each case is checked against the CPU reference (CUDA forward's out/lse fed
+// to both, as in test_flash_attention.cpp) and v1 against v2 (same math, fp32 summation order
+// only). Deterministic mode must repeat bit for bit in variant 2 (it fuses the dQ conversion into
+// the last key tile, so a wrong ordering would show up here as run-to-run differences).
+//
+// Tolerances: bf16 rtol 3e-2, f16 1e-2, atol rtol·max|ref| (as test_flash_attention.cpp);
+// v1 vs v2 rtol 1e-2, atol 1e-2·max|v1| (both round P and dS to 16 bits the same way; they differ
+// in fp32 summation order and in v2's fmaf for the exponent).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ops/attention.h"
+#include "runtime/error.h"
+#include "tests/support/test_support.h"
+#ifdef OMNIQ_HAS_CUDA
+#include "ops/cuda/flash_attention.h"
+#endif
+
+namespace omniq {
+namespace {
+
+#ifdef OMNIQ_HAS_CUDA
+using test::all_close;
+
+// A gradient vs a reference: |got − ref| ≤ rel·max|ref| + rel·|ref| (max|ref| floored at 1e-3).
+::testing::AssertionResult close_scaled(const Tensor& got, const Tensor& ref, float rel) {
+  const auto r = ref.to(Device::cpu()).to_f32_vector();
+  float m = 1e-3f;
+  for (float x : r) m = std::max(m, std::fabs(x));
+  return all_close(got.to(Device::cpu()).to_f32_vector(), r, rel * m, rel);
+}
+
+bool same_bits(const Tensor& a, const Tensor& b) {
+  const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
+  return ha.shape() == hb.shape() && ha.dtype() == hb.dtype() && std::memcmp(ha.data(), hb.data(), ha.nbytes()) == 0;
+}
+
+struct VCase {
+  int64_t B, T, Hq, Hkv, D;
+  bool causal;
+  DType dt;
+};
+
+std::ostream& operator<<(std::ostream& os, const VCase& c) {
+  return os << dtype_name(c.dt) << " B=" << c.B << " T=" << c.T << " Hq=" << c.Hq << " Hkv=" << c.Hkv
+            << " D=" << c.D << (c.causal ? " causal" : " full");
+}
+
+// delta[b, h, t] = Σ_d dout ⊙ out, [B, Hq, T] f32 on the GPU (what attn_delta_kernel computes).
+Tensor delta_of(const Tensor& out_h, const Tensor& dout_h, const VCase& c) {
+  const auto o = out_h.to_f32_vector(), g = dout_h.to_f32_vector();
+  std::vector<float> delta(static_cast<size_t>(c.B * c.Hq * c.T));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t h = 0; h < c.Hq; ++h) {
+        double acc = 0;
+        for (int64_t d = 0; d < c.D; ++d) {
+          const size_t i = static_cast<size_t>(((b * c.T + t) * c.Hq + h) * c.D + d);
+          acc += static_cast<double>(o[i]) * g[i];
+        }
+        delta[static_cast<size_t>((b * c.Hq + h) * c.T + t)] = static_cast<float>(acc);
+      }
+  return Tensor::from_f32(delta, Shape{c.B, c.Hq, c.T}, DType::f32).to(Device::cuda());
+}
+
+// Variant switch: explicit set wins, round trip, bad values rejected (no GPU needed).
+TEST(FlashAttentionDispatch, BackwardVariantSwitch) {
+  const int saved = cuda::flash_backward_variant();
+  EXPECT_TRUE(saved == 1 || saved == 2);
+  cuda::set_flash_backward_variant(1);
+  EXPECT_EQ(cuda::flash_backward_variant(), 1);
+  cuda::set_flash_backward_variant(2);
+  EXPECT_EQ(cuda::flash_backward_variant(), 2);
+  EXPECT_THROW(cuda::set_flash_backward_variant(3), Error);
+  EXPECT_EQ(cuda::flash_backward_variant(), 2);
+  cuda::set_flash_backward_variant(saved);
+}
+
+// Variant 2's automatic splits: the fewest giving >= 3 CTAs (of 128 keys) per SM, else all G.
+TEST(FlashAttentionDispatch, KvSplitsV2) {
+  EXPECT_EQ(cuda::flash_attention_kv_splits_v2(1, 2048, 32, 32, 132), 1);  // MHA: nothing to split
+  EXPECT_EQ(cuda::flash_attention_kv_splits_v2(1, 2048, 64, 8, 132), 4);   // 70B: 128 CTAs -> 512
+  EXPECT_EQ(cuda::flash_attention_kv_splits_v2(4, 2048, 64, 8, 132), 1);   // 512 CTAs already
+  EXPECT_EQ(cuda::flash_attention_kv_splits_v2(1, 100, 8, 2, 132), 4);     // never enough: G
+  EXPECT_EQ(cuda::flash_attention_kv_splits_v2(1, 2048, 12, 4, 16), 1);
+}
+
+// Every T around the 128-key tile, causal and full, GQA with splits 1/2/4 and the automatic
+// choice, both modes: v2 vs the CPU, v1 vs v2, and v2's deterministic mode twice, bit for bit.
+TEST(FlashAttentionCuda, BackwardVariantsAroundKeyTile) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  uint64_t seed = 12000;
+  int n = 0;
+  for (int64_t T : {64, 127, 128, 129, 191, 192, 193, 255, 320})
+    for (bool causal : {true, false}) {
+      ++n;
+      const VCase c{2, T, 8, 2, n % 2 ? 128 : 64, causal, n % 3 ? DType::bf16 : DType::f16};
+      const float scale = 1.f / std::sqrt(static_cast<float>(c.D));
+      const Tensor qh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed += 10, c.dt);
+      const Tensor kh = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 1, c.dt);
+      const Tensor vh = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 2, c.dt);
+      const Tensor doh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed + 3, c.dt);
+      const Tensor q = qh.to(gpu), k = kh.to(gpu), v = vh.to(gpu), dout = doh.to(gpu);
+      Tensor lse;
+      const Tensor out = attention_forward(q, k, v, scale, causal, &lse);
+      const Tensor out_h = out.to(Device::cpu());
+      const Tensor delta = delta_of(out_h, doh, c);
+      const AttentionGrads want = attention_backward(doh, qh, kh, vh, out_h, lse.to(Device::cpu()), scale, causal);
+      const float rel = c.dt == DType::bf16 ? 3e-2f : 1e-2f;
+      for (int splits : {0, 1, 2, 4})
+        for (bool det : {true, false}) {
+          SCOPED_TRACE(testing::Message() << c << " splits=" << splits << (det ? " deterministic" : " atomic"));
+          const AttentionGrads g2 =
+              cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, splits, det);
+          const AttentionGrads g1 =
+              cuda::flash_attention_backward_v1(dout, q, k, v, delta, lse, scale, causal, splits, det);
+          ASSERT_EQ(g2.dq.shape(), qh.shape());
+          ASSERT_EQ(g2.dk.shape(), kh.shape());
+          ASSERT_EQ(g2.dv.dtype(), c.dt);
+          EXPECT_TRUE(close_scaled(g2.dq, want.dq, rel)) << "v2 dq";
+          EXPECT_TRUE(close_scaled(g2.dk, want.dk, rel)) << "v2 dk";
+          EXPECT_TRUE(close_scaled(g2.dv, want.dv, rel)) << "v2 dv";
+          EXPECT_TRUE(close_scaled(g2.dq, g1.dq, 1e-2f)) << "v2 vs v1 dq";
+          EXPECT_TRUE(close_scaled(g2.dk, g1.dk, 1e-2f)) << "v2 vs v1 dk";
+          EXPECT_TRUE(close_scaled(g2.dv, g1.dv, 1e-2f)) << "v2 vs v1 dv";
+          if (det) {
+            const AttentionGrads again =
+                cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, splits, det);
+            EXPECT_TRUE(same_bits(again.dq, g2.dq)) << "v2 deterministic dq differs on a rerun";
+            EXPECT_TRUE(same_bits(again.dk, g2.dk)) << "v2 deterministic dk differs on a rerun";
+            EXPECT_TRUE(same_bits(again.dv, g2.dv)) << "v2 deterministic dv differs on a rerun";
+          }
+        }
+    }
+}
+
+// Forward kernels: v2 (128-query CTAs, 32 rows per warp) and v1 against the CPU (out rtol 2e-2,
+// atol 2e-2·max|ref|; lse atol 2e-3, rtol 1e-3, as test_flash_attention.cpp) and against each other
+// (same products in the same order; only FMA contraction choices may differ: out atol 1e-2·max,
+// lse 1e-4). T around the 128-query tile, D 64 and 128 (the dispatch sends D = 64 to v1, so v2 is
+// called directly here), causal and full, GQA and MHA, plus a peaked softmax (scale 3) so that the
+// running max moves between key tiles in both m-tiles of a warp; and v2 repeats bit for bit.
+TEST(FlashAttentionCuda, ForwardVariantsAroundQueryTile) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  uint64_t seed = 14000;
+  int n = 0;
+  for (int64_t T : {1, 17, 64, 100, 127, 128, 129, 191, 192, 193, 255, 257, 300})
+    for (bool causal : {true, false})
+      for (int64_t D : {64, 128}) {
+        ++n;
+        const VCase c{2, T, n % 2 ? 8 : 4, n % 2 ? 2 : 4, D, causal, n % 3 ? DType::bf16 : DType::f16};
+        const float scale = n % 5 == 0 ? 3.f : 1.f / std::sqrt(static_cast<float>(D));
+        SCOPED_TRACE(testing::Message() << c << " scale=" << scale);
+        const Tensor qh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed += 10, c.dt);
+        const Tensor kh = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 1, c.dt);
+        const Tensor vh = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 2, c.dt);
+        const Tensor q = qh.to(gpu), k = kh.to(gpu), v = vh.to(gpu);
+        Tensor lse_ref, lse1, lse2, lse2b;
+        const Tensor ref = attention_forward(qh, kh, vh, scale, causal, &lse_ref);
+        const Tensor o1 = cuda::flash_attention_forward_v1(q, k, v, scale, causal, &lse1);
+        const Tensor o2 = cuda::flash_attention_forward_v2(q, k, v, scale, causal, &lse2);
+        const Tensor o2b = cuda::flash_attention_forward_v2(q, k, v, scale, causal, &lse2b);
+        ASSERT_EQ(o2.shape(), qh.shape());
+        ASSERT_EQ(o2.dtype(), c.dt);
+        ASSERT_EQ(lse2.shape(), (Shape{c.B, c.Hq, c.T}));
+        EXPECT_TRUE(close_scaled(o2, ref, 2e-2f)) << "v2 out";
+        EXPECT_TRUE(all_close(lse2.to(Device::cpu()), lse_ref, 2e-3f, 1e-3f)) << "v2 lse";
+        EXPECT_TRUE(close_scaled(o2, o1, 1e-2f)) << "v2 vs v1 out";
+        EXPECT_TRUE(all_close(lse2.to(Device::cpu()), lse1.to(Device::cpu()), 1e-4f, 1e-5f)) << "v2 vs v1 lse";
+        EXPECT_TRUE(same_bits(o2, o2b)) << "v2 out differs on a rerun";
+        EXPECT_TRUE(same_bits(lse2, lse2b)) << "v2 lse differs on a rerun";
+      }
+}
+
+// The forward switch: variant 1, and D = 64 whatever the variant, reach v1; D = 128 with 2 reaches v2.
+TEST(FlashAttentionCuda, ForwardVariantSwitchReachesKernels) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  const int saved = cuda::flash_forward_variant();
+  for (int64_t D : {64, 128})
+    for (int variant : {1, 2}) {
+      SCOPED_TRACE(testing::Message() << "D=" << D << " variant " << variant);
+      const Tensor q = Tensor::uniform(Shape{1, 300, 4, D}, -1, 1, 15000 + D, DType::bf16).to(gpu);
+      const Tensor k = Tensor::uniform(Shape{1, 300, 2, D}, -1, 1, 15001 + D, DType::bf16).to(gpu);
+      const Tensor v = Tensor::uniform(Shape{1, 300, 2, D}, -1, 1, 15002 + D, DType::bf16).to(gpu);
+      const float scale = 1.f / std::sqrt(static_cast<float>(D));
+      cuda::set_flash_forward_variant(variant);
+      Tensor l_switch, l_direct;
+      const Tensor viaswitch = cuda::flash_attention_forward(q, k, v, scale, true, &l_switch);
+      const Tensor direct = variant == 1 || D == 64 ? cuda::flash_attention_forward_v1(q, k, v, scale, true, &l_direct)
+                                                    : cuda::flash_attention_forward_v2(q, k, v, scale, true, &l_direct);
+      EXPECT_TRUE(same_bits(viaswitch, direct)) << "out";
+      EXPECT_TRUE(same_bits(l_switch, l_direct)) << "lse";
+    }
+  cuda::set_flash_forward_variant(saved);
+}
+
+// The forward switch itself (no GPU needed).
+TEST(FlashAttentionDispatch, ForwardVariantSwitch) {
+  const int saved = cuda::flash_forward_variant();
+  EXPECT_TRUE(saved == 1 || saved == 2);
+  cuda::set_flash_forward_variant(1);
+  EXPECT_EQ(cuda::flash_forward_variant(), 1);
+  cuda::set_flash_forward_variant(2);
+  EXPECT_EQ(cuda::flash_forward_variant(), 2);
+  EXPECT_THROW(cuda::set_flash_forward_variant(0), Error);
+  cuda::set_flash_forward_variant(saved);
+}
+
+// The dispatching entry follows the switch: with variant 1 selected, flash_attention_backward
+// equals flash_attention_backward_v1 bit for bit (deterministic mode), likewise for 2.
+TEST(FlashAttentionCuda, BackwardVariantSwitchReachesKernels) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  const VCase c{1, 700, 8, 2, 128, true, DType::bf16};
+  const float scale = 1.f / std::sqrt(128.f);
+  const Tensor qh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, 13000, c.dt);
+  const Tensor doh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, 13003, c.dt);
+  const Tensor q = qh.to(gpu), dout = doh.to(gpu);
+  const Tensor k = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, 13001, c.dt).to(gpu);
+  const Tensor v = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, 13002, c.dt).to(gpu);
+  Tensor lse;
+  const Tensor out = attention_forward(q, k, v, scale, true, &lse);
+  const Tensor delta = delta_of(out.to(Device::cpu()), doh, c);
+  const int saved = cuda::flash_backward_variant();
+  for (int variant : {1, 2}) {
+    SCOPED_TRACE(testing::Message() << "variant " << variant);
+    cuda::set_flash_backward_variant(variant);
+    const AttentionGrads viaswitch = cuda::flash_attention_backward(dout, q, k, v, delta, lse, scale, true, 0, true);
+    const AttentionGrads direct =
+        variant == 1 ? cuda::flash_attention_backward_v1(dout, q, k, v, delta, lse, scale, true, 0, true)
+                     : cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, true, 0, true);
+    EXPECT_TRUE(same_bits(viaswitch.dq, direct.dq)) << "dq";
+    EXPECT_TRUE(same_bits(viaswitch.dk, direct.dk)) << "dk";
+  }
+  cuda::set_flash_backward_variant(saved);
+}
+#endif
+
+}  // namespace
+}  // namespace omniq
