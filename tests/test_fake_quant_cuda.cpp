@@ -1,6 +1,6 @@
 // Fake quantizers: CUDA against the CPU reference on the same inputs.
 //   forward: bit-identical in f32 and in bf16 (same fp32 operations, same rounding, see
-//            ops/fake_quant.h), for every kernel layout (warp teams of 4..32 lanes, 256/512-thread
+//            ops/fake_quant.h), for every kernel layout (warp teams of 2..32 lanes, 256/512-thread
 //            blocks, 16-byte and scalar accesses, unaligned views, partial last blocks);
 //   backward: dγ, dβ: |Δ| ≤ 3e-5·max|ref| + 1e-4·|ref| (the group sums run in another order, fp32
 //            on the GPU vs double on the CPU); dw/dx: f32 1e-5·max|ref| + 1e-5·|ref|, bf16 also
@@ -33,7 +33,7 @@ std::string name(const WCase& c) {
          (c.lwc ? " lwc" : "");
 }
 
-// Shapes that reach every layout: n = 32..256 (teams of 4..32 lanes), 96 (partial team use, tail
+// Shapes that reach every layout: n = 32..256 (teams of 2..32 lanes), 96 (partial team use, tail
 // block), 2048 (f32: block of 256; bf16: team of 32 with 8 vectors per lane), 11008 (blocks).
 std::vector<WCase> layout_cases() {
   std::vector<WCase> cs;

@@ -13,15 +13,26 @@
 //
 // Layout: groups are contiguous runs of `n` elements (a weight [out, in] with group g is
 // [out·in/g, g]; an activation [..., C] is rows × C); one *team* of threads owns one group: short
-// groups (≤ 256 vectors of 16 bytes of x: g32..g128, head_dim) 4..32 lanes of a warp (≈4 vectors a
+// groups (≤ 256 vectors of 16 bytes of x: g32..g128, head_dim) 2..32 lanes of a warp (≈4–8 vectors a
 // lane, shuffles only); long groups (per-channel rows of 4096..11008, per-token rows) a block of
 // 128/256/512 threads (≤ kItems vectors a thread, shuffles + one trip through shared memory).
 // One pass over memory: every thread loads its vectors of x (and dy) into registers first, so all
 // its loads are in flight at once, reduces min/max (and dscale), and writes y (or dx, dγ, dβ) from
 // the registers. Only rows longer than 512·kItems vectors (> 16384 f32) re-read the excess (L1/L2).
-// Napkin math (H100, 3.35 TB/s), LLaMA-7B block = 202 M weights, f32 master weights:
-//   forward f32 → bf16: 4 + 2 bytes/weight = 1.21 GB ≈ 0.36 ms;
-//   backward dy f32, dγ/dβ only: 4 + 4 bytes/weight = 1.62 GB ≈ 0.48 ms (dw adds 4 bytes/weight).
+// Napkin math (H100, 3.35 TB/s), LLaMA-7B block = 202 M weights, f16 weights, bf16 ŵ and dŵ:
+//   forward f16 → bf16: 2 + 2 bytes/weight = 0.81 GB ≈ 0.24 ms;
+//   backward dy bf16, dγ/dβ only: 2 + 2 bytes/weight = 0.81 GB ≈ 0.24 ms (dw adds 2 bytes/weight).
+// At 4 bytes per element the SM budget is ≈ 40 thread-instructions per element (132 SMs × 4 × 32
+// lanes × 1.98 GHz / 837 G elements/s), and v1 spent ≈ 23 (forward) / ≈ 30 (backward) of them, a
+// third in __fdiv_rn: with the latency of one round of loads per group on top, v1 ran at 47–66% of
+// DRAM peak. v2 (the default; OMNIQ_FQ_V1=1 runs v1) keeps the layout and gives the same ŵ bits:
+//   * u = x / scale from a per-group reciprocal and two FMA corrections (div_by_scale, exact; the
+//     group falls back to __fdiv_rn where the proof's preconditions fail), ≈ 5 instead of ≈ 12;
+//   * the backward's STE decision and ∂x̂/∂scale from one clamp (elem_grad), dscale as an FMA chain;
+//   * the backward without dx (weight-only LWC) is its own instantiation, capped at 80 registers
+//     for f16 weights: three 256-thread blocks per SM instead of two (more loads in flight);
+//   * the forward's warp teams aim at 8 vectors per lane (g128 of f16: 2 lanes, not 4);
+//   * with dx, the max/min tie counts only in threads that hold the group's max/min.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -81,22 +92,26 @@ __device__ __forceinline__ Tile make_tile(int team, int64_t groups, int n) {
 }
 
 // Min/max of the group (registers first, the excess re-read), σ(γ), σ(β), and the group state.
+// own = the thread's own (max, −min) before the team reduction.
 template <int kItems, typename TX, int kVec>
 __device__ __forceinline__ GroupState tile_state(const Tile& t, const TX* xg, const Pack<TX, kVec> (&xr)[kItems],
                                                  int n, const float* gamma, const float* beta, const Levels& L,
-                                                 float* smem) {
+                                                 float* smem, float (&own)[2]) {
   float a, b;
   lwc_sigmoids(gamma, beta, t.k, t.tp, a, b);  // overlaps the loads in flight
   float r[2] = {-INFINITY, -INFINITY};
   if (t.valid)
     sweep<kItems>(t.c0, t.step, n, [&](int j, int) { min_max_of(xr[j], r); },
                   [&](int c) { min_max_of(load_pack<TX, kVec>(xg + c), r); });
+  own[0] = r[0];
+  own[1] = r[1];
   team_reduce<2>(r, [](float p, float q) { return fmaxf(p, q); }, t.tp, smem);
   return group_state(r[0], -r[1], a, b, L);  // garbage but harmless for an invalid tail
 }
 
-// y = x̂ for every group (groups = numel / n); x and y may have different dtypes.
-template <typename TX, typename TY, int kVec>
+// y = x̂ for every group (groups = numel / n); x and y may have different dtypes. kV2: the division by
+// the scale through div_by_scale (fake_quant_common.cuh), same bits; else v1 (__fdiv_rn).
+template <typename TX, typename TY, int kVec, bool kV2>
 __global__ void __launch_bounds__(kMaxBlock) fake_quant_forward_kernel(const TX* __restrict__ x, TY* __restrict__ y,
                                                                       const float* __restrict__ gamma,
                                                                       const float* __restrict__ beta, int64_t groups,
@@ -109,10 +124,29 @@ __global__ void __launch_bounds__(kMaxBlock) fake_quant_forward_kernel(const TX*
 #pragma unroll
   for (int j = 0; j < kItems; ++j)  // issue every load before using any
     if (t.valid && t.c0 + j * t.step < n) xr[j] = load_pack<TX, kVec>(xg + t.c0 + j * t.step);
-  const GroupState s = tile_state<kItems>(t, xg, xr, n, gamma, beta, L, smem);
+  float own[2];
+  const GroupState s = tile_state<kItems>(t, xg, xr, n, gamma, beta, L, smem, own);
   if (!t.valid) return;  // no shuffle follows
 
   TY* yg = y + t.off;
+  if constexpr (kV2) {
+    const float rcp = __frcp_rn(s.scale);
+    auto body = [&](auto fast_c) {  // the group's elements with one division method
+      constexpr bool kFast = decltype(fast_c)::value;
+      auto emit = [&](const Pack<TX, kVec>& pk, int c) {
+        float v[kVec], o[kVec];
+        unpack(pk, v);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) o[i] = fake_quant_elem<kFast>(v[i], s, rcp, L);
+        store_pack<TY, kVec>(yg + c, o);
+      };
+      sweep<kItems>(t.c0, t.step, n, [&](int j, int c) { emit(xr[j], c); },
+                    [&](int c) { emit(load_pack<TX, kVec>(xg + c), c); });
+    };
+    if (fast_div_ok(s.xmax, s.xmin, rcp)) body(std::true_type{});
+    else body(std::false_type{});
+    return;
+  }
   auto emit = [&](const Pack<TX, kVec>& pk, int c) {
     float v[kVec], o[kVec];
     unpack(pk, v);
@@ -124,11 +158,108 @@ __global__ void __launch_bounds__(kMaxBlock) fake_quant_forward_kernel(const TX*
                 [&](int c) { emit(load_pack<TX, kVec>(xg + c), c); });
 }
 
+// Register cap of the v2 backward without dx (the weight-only LWC step). 80 lets three 256-thread
+// blocks share an SM (24 warps: 50% more loads in flight than at the 87–121 registers it takes
+// uncapped, which fit two). Applied where ptxas -v shows at most 8 bytes of spill loads under the
+// cap (f16 weights, or f16 dy; the training step's f16 w / bf16 dy: 2 bytes stored, 8 loaded); the
+// others (bf16/f32 w with bf16/f32 dy) would spill 112–180 bytes, so they keep v1's 128.
+template <typename TX, typename TG>
+constexpr int v2_no_dx_max_regs() {
+  return std::is_same_v<TX, __half> || std::is_same_v<TG, __half> ? 80 : 128;
+}
+
+// v2 of the backward from the group state on (fake_quant_backward_kernel<..., true>): the same
+// values as v1 up to the fp32 order of the dscale sum (a chain of FMAs here), from fewer
+// instructions per element (≈ 16 instead of ≈ 30):
+//  * u = x / scale by div_by_scale (the group falls back to __fdiv_rn where fast_div_ok fails), the
+//    STE decision and ∂x̂/∂scale from one clamp and one compare (elem_grad);
+//  * the max/min tie counts (only with dx) are taken only by threads whose own max/min is the
+//    group's: an element can equal the group's max only where its thread's max does. (A warp still
+//    runs the count when one of its lanes needs it, so this pays off for block teams: long rows.)
+template <int kItems, bool kDx, typename TX, typename TG, int kVec>
+__device__ __forceinline__ void fake_quant_backward_v2(const Tile& t, const GroupState& s, const float (&own)[2],
+                                                       const TX* xg, const TG* gg, const Pack<TX, kVec> (&xr)[kItems],
+                                                       const Pack<TG, kVec> (&gr)[kItems], TX* dx, const float* gamma,
+                                                       float* dgamma, float* dbeta, int n, const Levels& L,
+                                                       float* smem) {
+  constexpr bool want_dx = kDx;  // a template parameter: without dx no data stays live past the sums
+  const float rcp = __frcp_rn(s.scale);
+  const SteBounds B = ste_bounds(s, L);
+  float acc[3] = {0.0f, 0.0f, 0.0f};  // dscale, #(x == xmax), #(x == xmin)
+  static_assert(kItems * kVec <= 32, "the STE mask is one 32-bit word");
+  uint32_t in_mask = 0;  // bit j·kVec + i: the STE decision of cached element (j, i), for the dx pass
+  auto body = [&](auto fast_c) {
+    constexpr bool kFast = decltype(fast_c)::value;
+    auto accumulate = [&](const Pack<TX, kVec>& xp, const Pack<TG, kVec>& gp, int j) {
+      float v[kVec], g[kVec];
+      unpack(xp, v);
+      unpack(gp, g);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const ElemGrad e = elem_grad<kFast>(v[i], s, rcp, B);
+        acc[0] = __fmaf_rn(g[i], e.dscale_term, acc[0]);
+        if (want_dx && j >= 0) in_mask |= e.in ? (1u << (j * kVec + i)) : 0u;
+      }
+    };
+    sweep<kItems>(t.c0, t.step, n, [&](int j, int) { accumulate(xr[j], gr[j], j); },
+                  [&](int c) { accumulate(load_pack<TX, kVec>(xg + c), load_pack<TG, kVec>(gg + c), -1); });
+  };
+  if (t.valid) {
+    if (fast_div_ok(s.xmax, s.xmin, rcp)) body(std::true_type{});
+    else body(std::false_type{});
+  }
+  auto sum = [](float p, float q) { return p + q; };
+  if (!want_dx) {
+    team_reduce<1>(acc, sum, t.tp, smem);
+  } else {
+    if (t.valid && (own[0] == s.xmax || own[1] == -s.xmin)) {
+      auto count = [&](const Pack<TX, kVec>& xp) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const float v = ld_f32(xp.v[i]);
+          acc[1] += v == s.xmax ? 1.0f : 0.0f;
+          acc[2] += v == s.xmin ? 1.0f : 0.0f;
+        }
+      };
+      sweep<kItems>(t.c0, t.step, n, [&](int j, int) { count(xr[j]); },
+                    [&](int c) { count(load_pack<TX, kVec>(xg + c)); });
+    }
+    team_reduce<3>(acc, sum, t.tp, smem);
+  }
+  if (!t.valid) return;
+
+  const GroupGrad grad = group_grad(s, acc[0], L, gamma != nullptr);
+  if (gamma && t.tp.lane == 0) {
+    dgamma[t.k] = grad.dgamma;
+    dbeta[t.k] = grad.dbeta;
+  }
+  if (!want_dx) return;
+  const float share_max = grad.dxmax / acc[1], share_min = grad.dxmin / acc[2];
+  TX* dxg = dx + t.off;
+  auto emit = [&](const Pack<TX, kVec>& xp, const Pack<TG, kVec>& gp, int c, int j) {
+    float v[kVec], g[kVec], o[kVec];
+    unpack(xp, v);
+    unpack(gp, g);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const bool in = j >= 0 ? ((in_mask >> (j * kVec + i)) & 1u) != 0 : elem_grad<false>(v[i], s, rcp, B).in;
+      float d = in ? g[i] : 0.0f;
+      d = __fadd_rn(d, v[i] == s.xmax ? share_max : 0.0f);
+      d = __fadd_rn(d, v[i] == s.xmin ? share_min : 0.0f);
+      o[i] = d;
+    }
+    store_pack<TX, kVec>(dxg + c, o);
+  };
+  sweep<kItems>(t.c0, t.step, n, [&](int j, int c) { emit(xr[j], gr[j], c, j); },
+                [&](int c) { emit(load_pack<TX, kVec>(xg + c), load_pack<TG, kVec>(gg + c), c, -1); });
+}
+
 // Per group: dscale = Σ dy·∂x̂/∂scale (and, when dx is wanted, the tie counts of max/min) as team
 // sums, then dγ/dβ and, when dx != nullptr, dx = dy·in + dxmax/#argmax·[x = xmax] + dxmin/#argmin·
-// [x = xmin]. dy may have another dtype than x; dx has x's.
-template <typename TX, typename TG, int kVec>
-__global__ void __launch_bounds__(kMaxBlock)
+// [x = xmin]. dy may have another dtype than x; dx has x's. kMode: 0 = v1, 1 = v2 without dx (dx must
+// be null), 2 = v2 with dx (fake_quant_backward_v2 above).
+template <typename TX, typename TG, int kVec, int kMode>
+__global__ void __launch_bounds__(kMaxBlock) __maxnreg__((kMode == 1 ? v2_no_dx_max_regs<TX, TG>() : 128))
     fake_quant_backward_kernel(const TG* __restrict__ dy, const TX* __restrict__ x, TX* __restrict__ dx,
                                const float* __restrict__ gamma, const float* __restrict__ beta,
                                float* __restrict__ dgamma, float* __restrict__ dbeta, int64_t groups, int n, int team,
@@ -148,7 +279,12 @@ __global__ void __launch_bounds__(kMaxBlock)
       gr[j] = load_pack<TG, kVec>(gg + c);
     }
   }
-  const GroupState s = tile_state<kItems>(t, xg, xr, n, gamma, beta, L, smem);
+  float own[2];
+  const GroupState s = tile_state<kItems>(t, xg, xr, n, gamma, beta, L, smem, own);
+  if constexpr (kMode != 0) {
+    fake_quant_backward_v2<kItems, kMode == 2>(t, s, own, xg, gg, xr, gr, dx, gamma, dgamma, dbeta, n, L, smem);
+    return;
+  }
 
   const bool want_dx = dx != nullptr;  // uniform over the launch: every thread takes the same branches
   float acc[3] = {0.0f, 0.0f, 0.0f};   // dscale, #(x == xmax), #(x == xmin) (exact up to 2^24)
@@ -221,7 +357,7 @@ constexpr int kTeamBlock = 256;  // threads per block when warp teams own the gr
 
 
 struct GroupLaunch {
-  int team;  // 4..32 lanes, or 0 = the whole block
+  int team;  // 2..32 lanes, or 0 = the whole block
   bool vec;  // kVec = 16 bytes of x per access; else one element
   dim3 grid, block;
 };
@@ -230,8 +366,12 @@ struct GroupLaunch {
 // Vector accesses need the group length to be a multiple of the pack (16 bytes of x) and every
 // pointer aligned for its own pack. Teams are sized so that each thread holds ≈4 (warp teams) or
 // ≤ `items` (block teams) vectors.
+// lane_vecs: the vectors a lane of a warp team aims for: 4 (teams of 4..32 lanes). The v2 forward
+// can take 8 (OMNIQ_FQ_LANE_VECS=8: g128 of 16-bit weights in teams of 2 lanes, twice the loads in
+// flight per thread), which measured slower on the H100 (64-74% vs 83% of DRAM peak), so 4 is the
+// default. Teams keep ≥ 2 lanes (lwc_sigmoids computes σ(γ) and σ(β) on a pair of lanes).
 GroupLaunch group_launch(int64_t groups, int64_t n, DType xdt, std::initializer_list<std::pair<const void*, DType>> ptrs,
-                         bool backward, const char* op) {
+                         bool backward, const char* op, int lane_vecs = 4) {
   OMNIQ_CHECK(n < (int64_t{1} << 30), "%s: group of %lld elements is too long", op, static_cast<long long>(n));
   GroupLaunch l;
   const int64_t pack = static_cast<int64_t>(16 / dtype_size(xdt));
@@ -241,8 +381,8 @@ GroupLaunch group_launch(int64_t groups, int64_t n, DType xdt, std::initializer_
   // Must agree with cache_items<kVec, backward>() of the kernel that will run.
   const int64_t items = backward && l.vec && pack == 8 ? 4 : 8;
   if (nvec <= 32 * items) {
-    const int64_t want = (nvec + 3) / 4;  // ≈4 vectors per lane
-    l.team = 4;
+    const int64_t want = (nvec + lane_vecs - 1) / lane_vecs;
+    l.team = lane_vecs >= 8 ? 2 : 4;
     while (l.team < 32 && l.team < want) l.team <<= 1;
     l.block = dim3(kTeamBlock);
   } else {
@@ -266,7 +406,9 @@ void fake_quant_groups_forward(const Tensor& x, const GroupQuantParams& p, const
                                Tensor& y) {
   const char* op = "fake_quant_forward";
   const int64_t n = p.group, groups = x.numel() / n;
-  const GroupLaunch l = group_launch(groups, n, x.dtype(), {{x.data(), x.dtype()}, {y.data(), y.dtype()}}, false, op);
+  const bool v1 = fq_v1_requested();
+  const GroupLaunch l = group_launch(groups, n, x.dtype(), {{x.data(), x.dtype()}, {y.data(), y.dtype()}}, false, op,
+                                     v1 ? 4 : fq_v2_forward_lane_vecs());
   const Levels L = make_levels(p);
   CudaContext& ctx = cuda_context(x.device());
   const float* gp = gamma ? gamma->data_as<const float>() : nullptr;
@@ -274,8 +416,10 @@ void fake_quant_groups_forward(const Tensor& x, const GroupQuantParams& p, const
   dispatch_pair(x.dtype(), y.dtype(), l.vec, op, [&](auto xt, auto yt, auto vec_c) {
     using TX = typename decltype(xt)::type;
     using TY = typename decltype(yt)::type;
-    fake_quant_forward_kernel<TX, TY, decltype(vec_c)::value><<<l.grid, l.block, 0, ctx.stream>>>(
-        x.data_as<const TX>(), y.data_as<TY>(), gp, bp, groups, static_cast<int>(n), l.team, L);
+    constexpr int kVec = decltype(vec_c)::value;
+    auto kernel = v1 ? fake_quant_forward_kernel<TX, TY, kVec, false> : fake_quant_forward_kernel<TX, TY, kVec, true>;
+    kernel<<<l.grid, l.block, 0, ctx.stream>>>(x.data_as<const TX>(), y.data_as<TY>(), gp, bp, groups,
+                                               static_cast<int>(n), l.team, L);
     CUDA_CHECK_LAUNCH();
   });
 }
@@ -297,12 +441,17 @@ void fake_quant_groups_backward(const Tensor& dy, const Tensor& x, const GroupQu
               dtype_name(x.dtype()));
   float* dgp = dgamma ? dgamma->data_as<float>() : nullptr;
   float* dbp = dbeta ? dbeta->data_as<float>() : nullptr;
+  const bool v1 = fq_v1_requested();
   dispatch_pair(x.dtype(), dy.dtype(), l.vec, op, [&](auto xt, auto gt, auto vec_c) {
     using TX = typename decltype(xt)::type;
     using TG = typename decltype(gt)::type;
-    fake_quant_backward_kernel<TX, TG, decltype(vec_c)::value><<<l.grid, l.block, 0, ctx.stream>>>(
-        dy.data_as<const TG>(), x.data_as<const TX>(), dx ? dx->data_as<TX>() : nullptr, gp, bp, dgp, dbp, groups,
-        static_cast<int>(n), l.team, L);
+    constexpr int kVec = decltype(vec_c)::value;
+    auto kernel = v1   ? fake_quant_backward_kernel<TX, TG, kVec, 0>
+                  : dx ? fake_quant_backward_kernel<TX, TG, kVec, 2>
+                       : fake_quant_backward_kernel<TX, TG, kVec, 1>;
+    kernel<<<l.grid, l.block, 0, ctx.stream>>>(dy.data_as<const TG>(), x.data_as<const TX>(),
+                                               dx ? dx->data_as<TX>() : nullptr, gp, bp, dgp, dbp, groups,
+                                               static_cast<int>(n), l.team, L);
     CUDA_CHECK_LAUNCH();
   });
 }

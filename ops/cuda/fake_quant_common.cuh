@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "ops/fake_quant.h"
@@ -92,6 +93,76 @@ __device__ __forceinline__ float dequantize(const ElemQ& e, const GroupState& s)
   return __fmul_rn(__fsub_rn(e.q, s.zp), s.scale);
 }
 
+// ---- v2: the same quantizer with a cheaper exact division (default; OMNIQ_FQ_V1=1 = the above) ----
+//
+// __fdiv_rn costs ≈ 10 instructions plus a slow-path check and branch per element, most of a
+// memory-bound kernel's budget. Every element of a group is divided by the same scale s, so v2
+// takes y = RN(1/s) once (__frcp_rn, IEEE) and per element
+//   q = RN(x·y);  r = x − s·q (one FMA);  q = RN(q + r·y);  r = x − s·q;  q = RN(q + r·y)
+// (5 instructions). After the first correction |q − x/s| < 1 ulp (the error left is
+// ≈ (x/s − q₀)(s·y − 1), below 2⁻²³ ulp, plus the rounding's ½ ulp), so the second residual is
+// exact (FMA) and, by Markstein's theorem (y within ½ ulp of 1/s, q within 1 ulp of x/s), the second
+// correction returns RN(x/s): the same bits as __fdiv_rn and the CPU's x / s. (One correction was
+// also exact on 4.6e8 sampled quotients, but without a proof; the second costs 2 FFMA.)
+// Preconditions, checked per group by fast_div_ok (the kernels fall back to __fdiv_rn for the whole
+// group otherwise): no overflow, |x/s| ≤ 2^100 for every x of the group. Tiny |x| < 2^-100 may make
+// the residual inexact (subnormal), but then |x/s| < 2^-83: round(x/s) = ±0 either way, so x̂ and
+// the STE decision are unchanged and only the backward's t − u term moves, by < 2^-83.
+__device__ __forceinline__ float div_by_scale(float x, float s, float y) {
+  float q = __fmul_rn(x, y);
+  float r = __fmaf_rn(-s, q, x);
+  q = __fmaf_rn(r, y, q);
+  r = __fmaf_rn(-s, q, x);
+  return __fmaf_rn(r, y, q);
+}
+
+// Whether div_by_scale is exact for every element of a group whose values lie in [xmin, xmax]
+// (max(xmax, −xmin) bounds |x|; a NaN or infinite bound fails the test).
+__device__ __forceinline__ bool fast_div_ok(float xmax, float xmin, float y) {
+  return __fmul_rn(fmaxf(xmax, -xmin), y) <= 0x1p100f;
+}
+
+// x̂ of one element (v2): bit-identical to dequantize(quantize(x, s, L), s), with u from
+// div_by_scale when kFast (y = RN(1/scale)) and from __fdiv_rn otherwise.
+template <bool kFast>
+__device__ __forceinline__ float quotient(float x, const GroupState& s, float y) {
+  return kFast ? div_by_scale(x, s.scale, y) : __fdiv_rn(x, s.scale);
+}
+
+template <bool kFast>
+__device__ __forceinline__ float fake_quant_elem(float x, const GroupState& s, float y, const Levels& L) {
+  const float t = rintf(quotient<kFast>(x, s, y));
+  const float q = fminf(fmaxf(__fadd_rn(t, s.zp), L.qlo), L.qhi);  // t + zp first: −0 becomes +0 as on the CPU
+  return __fmul_rn(__fsub_rn(q, s.zp), s.scale);
+}
+
+// The backward's per-element quantities (v2) with fewer instructions than quantize(): with
+// lo' = qlo − zp, hi' = qhi − zp (exact: small integers), c = clamp(t, lo', hi') equals
+// clamp(t + zp, qlo, qhi) − zp (t + zp is exact for |t| < 2^23, and larger |t| is clipped to the same
+// bound either way; a NaN t gives lo' in both), and the STE passes exactly when c == t. So
+//   in = (c == t),   ∂x̂/∂scale = in ? t − u : c   (= q − zp of ops/fake_quant.h)
+// are the same values as v1's, from one clamp and one compare.
+struct SteBounds {
+  float lo, hi;  // qlo − zp, qhi − zp
+};
+
+__device__ __forceinline__ SteBounds ste_bounds(const GroupState& s, const Levels& L) {
+  return {__fsub_rn(L.qlo, s.zp), __fsub_rn(L.qhi, s.zp)};
+}
+
+struct ElemGrad {
+  float dscale_term;  // ∂x̂/∂scale
+  bool in;            // the STE passes dy
+};
+
+template <bool kFast>
+__device__ __forceinline__ ElemGrad elem_grad(float x, const GroupState& s, float y, const SteBounds& B) {
+  const float u = quotient<kFast>(x, s, y), t = rintf(u);
+  const float c = fminf(fmaxf(t, B.lo), B.hi);
+  const bool in = c == t;
+  return {in ? __fsub_rn(t, u) : c, in};
+}
+
 // Gradients of one group from dscale = Σ dy·∂x̂/∂scale: the chain rule to the clipped range, the LWC
 // parameters and the raw max/min (CPU twin: group_grad in ops/cpu/fake_quant.cpp). dxmax / dxmin
 // are then shared among the group's argmax / argmin elements.
@@ -121,7 +192,7 @@ __device__ __forceinline__ GroupGrad group_grad(const GroupState& s, float dscal
 }
 
 // Which group this thread works on and where it sits in its team. team > 0: warp teams of `team`
-// lanes (a power of two, 4..32); team == 0: the whole block owns one group.
+// lanes (a power of two, 2..32); team == 0: the whole block owns one group.
 struct TeamPos {
   bool block_team;
   int size, lane;
@@ -184,6 +255,21 @@ __device__ __forceinline__ void unpack(const Pack<T, N>& pk, float (&v)[N]) {
 }
 
 // ==== host side of the launchers ==========================================================
+
+// OMNIQ_FQ_V1=1 (any value but "" and "0") selects the v1 kernels (__fdiv_rn per element) for A/B
+// measurements; read at every launch so a test can compare both paths in one process.
+inline bool fq_v1_requested() {
+  const char* e = std::getenv("OMNIQ_FQ_V1");
+  return e != nullptr && e[0] != '\0' && !(e[0] == '0' && e[1] == '\0');
+}
+
+// Vectors per lane of the v2 forward's warp teams (fake_quant.cu, group_launch): 4 (v1's team
+// sizes), or 8 with OMNIQ_FQ_LANE_VECS=8, an A/B switch for measurements. H100, 7B g128 shapes:
+// 4 gives 83% of DRAM peak, 8 (twice the loads per thread, half the lanes) only 64-74%.
+inline int fq_v2_forward_lane_vecs() {
+  const char* e = std::getenv("OMNIQ_FQ_LANE_VECS");
+  return e != nullptr && e[0] == '8' && e[1] == '\0' ? 8 : 4;
+}
 
 inline Levels make_levels(const GroupQuantParams& p) {
   const float qhi = static_cast<float>(p.symmetric ? (1 << (p.bits - 1)) - 1 : (1 << p.bits) - 1);

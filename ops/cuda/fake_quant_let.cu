@@ -17,7 +17,11 @@
 //   forward 2 + 2 B/elem ≈ 0.21 ms; backward 2 + 2 B/elem ≈ 0.21 ms, against ≈ 3 ms for the op
 // chain it replaces (several f32 weight-sized passes each way). Measured: the kernels are
 // instruction-bound (one exact division per element for the quantizer, one more for ÷ r rows), at
-// 17–43% of DRAM peak under ncu (docs/performance.md).
+// 17–43% of DRAM peak under ncu (docs/performance.md). v2 (the default; OMNIQ_FQ_V1=1 runs v1): the
+// quantizer's division by div_by_scale (fake_quant_common.cuh: exact, same bits), the backward's
+// STE terms from one clamp and its max/min tie bookkeeping only in the threads that hold the row's
+// max/min. The ÷ r of the transform stays an IEEE division: its operands have no group bound to
+// guard a fast path with before u is known.
 #include <algorithm>
 #include <cstdlib>
 
@@ -73,20 +77,24 @@ __device__ __forceinline__ void transform_row(const Pack<TX, kVec> (&xr)[kItems]
 
 // The row's quantizer state: σ(γ), σ(β) (overlapping the loads in flight), u, and the block-wide
 // max / min of u. Every thread of the block must call it (it reduces through `smem`, 2·32 floats).
+// own = the thread's own (max, −min) of u before the reduction.
 template <typename TX, int kVec, int kItems>
 __device__ __forceinline__ GroupState row_state(const Pack<TX, kVec> (&xr)[kItems], const LetRow& lr,
                                                 const float* gamma, const float* beta, int64_t r, const TeamPos& tp,
                                                 int c0, int step, int n, const Levels& L, float* smem,
-                                                float (&u)[kItems][kVec]) {
+                                                float (&u)[kItems][kVec], float (&own)[2]) {
   float a, b;
   lwc_sigmoids(gamma, beta, r, tp, a, b);
   float mm[2];
   transform_row(xr, lr, c0, step, n, u, mm);
+  own[0] = mm[0];
+  own[1] = mm[1];
   team_reduce<2>(mm, [](float p, float q) { return fmaxf(p, q); }, tp, smem);
   return group_state(mm[0], -mm[1], a, b, L);
 }
 
-template <typename TX, typename TY, int kVec, int kItems>
+// kV2: the division by the scale through div_by_scale (fake_quant_common.cuh; same bits), else v1.
+template <typename TX, typename TY, int kVec, int kItems, bool kV2>
 __global__ void __launch_bounds__(kLetMaxBlock)
     fq_let_forward_kernel(const TX* __restrict__ w, TY* __restrict__ y, const float* __restrict__ col,
                           const float* __restrict__ row, bool divide, const float* __restrict__ gamma,
@@ -101,24 +109,45 @@ __global__ void __launch_bounds__(kLetMaxBlock)
   for (int j = 0; j < kItems; ++j)
     if (c0 + j * step < n) xr[j] = load_pack<TX, kVec>(wr + c0 + j * step);
   const LetRow lr{col, row != nullptr, divide, row ? row[r] : 1.0f};
-  float u[kItems][kVec];
-  const GroupState s = row_state(xr, lr, gamma, beta, r, tp, c0, step, n, L, smem, u);
+  float u[kItems][kVec], own[2];
+  const GroupState s = row_state(xr, lr, gamma, beta, r, tp, c0, step, n, L, smem, u, own);
   TY* yr = y + r * n;
+  if constexpr (kV2) {
+    const float rcp = __frcp_rn(s.scale);
+    auto body = [&](auto fast_c) {  // the row's elements with one division method
+      constexpr bool kFast = decltype(fast_c)::value;
 #pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int c = c0 + j * step;
-    if (c >= n) continue;
-    float o[kVec];
+      for (int j = 0; j < kItems; ++j) {
+        const int c = c0 + j * step;
+        if (c >= n) continue;
+        float o[kVec];
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) o[i] = dequantize(quantize(u[j][i], s, L), s);
-    store_pack<TY, kVec>(yr + c, o);
+        for (int i = 0; i < kVec; ++i) o[i] = fake_quant_elem<kFast>(u[j][i], s, rcp, L);
+        store_pack<TY, kVec>(yr + c, o);
+      }
+    };
+    if (fast_div_ok(s.xmax, s.xmin, rcp)) body(std::true_type{});
+    else body(std::false_type{});
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int c = c0 + j * step;
+      if (c >= n) continue;
+      float o[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) o[i] = dequantize(quantize(u[j][i], s, L), s);
+      store_pack<TY, kVec>(yr + c, o);
+    }
   }
 }
 
 // Instruction count matters here (per element: the transform, one exact division by the scale,
 // the STE bookkeeping, ≈ 60 instructions at ≈ 6 bytes read): u is kept in registers, the STE mask
 // as one bit per element, and the gradient-only math uses 1/r (no bit-exactness needed there).
-template <typename TX, typename TG, int kVec, int kItems>
+// kV2 (the default) cuts that to ≈ 35 (÷ r rows) / ≈ 25 (others): the quantizer's division by
+// div_by_scale, ∂x̂/∂scale and the STE decision by elem_grad, and the max/min tie counts and shares
+// only in threads whose own max/min of u is the row's (other threads cannot hold a tie).
+template <typename TX, typename TG, int kVec, int kItems, bool kV2>
 __global__ void __launch_bounds__(kLetMaxBlock)
     fq_let_backward_kernel(const TG* __restrict__ dy, const TX* __restrict__ w, const float* __restrict__ col,
                            const float* __restrict__ row, bool divide, const float* __restrict__ gamma,
@@ -154,21 +183,54 @@ __global__ void __launch_bounds__(kLetMaxBlock)
     const TeamPos tp{true, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), r};
     load_row(r + gridDim.x, xn, gn);
     const LetRow lr{col, row != nullptr, divide, row ? row[r] : 1.0f};
-    float u[kItems][kVec];
-    const GroupState s = row_state(xr, lr, gamma, beta, r, tp, c0, step, n, L, smem, u);
+    float u[kItems][kVec], own[2];
+    const GroupState s = row_state(xr, lr, gamma, beta, r, tp, c0, step, n, L, smem, u, own);
 
     float acc[3] = {0.0f, 0.0f, 0.0f};  // dscale, #(u == xmax), #(u == xmin)
     uint32_t in_mask = 0;               // bit j·kVec + i: the STE passes the element's gradient
+    // Whether this thread can hold an element equal to the row's max or min (v2 only counts there).
+    const bool has_ext = !kV2 || own[0] == s.xmax || own[1] == -s.xmin;
+    if constexpr (kV2) {
+      const float rcp = __frcp_rn(s.scale);
+      const SteBounds B = ste_bounds(s, L);
+      auto body = [&](auto fast_c) {
+        constexpr bool kFast = decltype(fast_c)::value;
 #pragma unroll
-    for (int j = 0; j < kItems; ++j) {
-      if (c0 + j * step >= n) continue;
+        for (int j = 0; j < kItems; ++j) {
+          if (c0 + j * step >= n) continue;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const ElemQ e = quantize(u[j][i], s, L);
-        acc[0] += ld_f32(gr[j].v[i]) * (e.in ? e.t - e.u : e.q - s.zp);
-        acc[1] += u[j][i] == s.xmax ? 1.0f : 0.0f;
-        acc[2] += u[j][i] == s.xmin ? 1.0f : 0.0f;
-        in_mask |= e.in ? (1u << (j * kVec + i)) : 0u;
+          for (int i = 0; i < kVec; ++i) {
+            const ElemGrad e = elem_grad<kFast>(u[j][i], s, rcp, B);
+            acc[0] = __fmaf_rn(ld_f32(gr[j].v[i]), e.dscale_term, acc[0]);
+            in_mask |= e.in ? (1u << (j * kVec + i)) : 0u;
+          }
+        }
+      };
+      if (fast_div_ok(s.xmax, s.xmin, rcp)) body(std::true_type{});
+      else body(std::false_type{});
+      if (has_ext) {
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) {
+          if (c0 + j * step >= n) continue;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) {
+            acc[1] += u[j][i] == s.xmax ? 1.0f : 0.0f;
+            acc[2] += u[j][i] == s.xmin ? 1.0f : 0.0f;
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        if (c0 + j * step >= n) continue;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const ElemQ e = quantize(u[j][i], s, L);
+          acc[0] += ld_f32(gr[j].v[i]) * (e.in ? e.t - e.u : e.q - s.zp);
+          acc[1] += u[j][i] == s.xmax ? 1.0f : 0.0f;
+          acc[2] += u[j][i] == s.xmin ? 1.0f : 0.0f;
+          in_mask |= e.in ? (1u << (j * kVec + i)) : 0u;
+        }
       }
     }
     team_reduce<3>(acc, sum, tp, smem);
@@ -183,22 +245,30 @@ __global__ void __launch_bounds__(kLetMaxBlock)
     const float rinv = 1.0f / lr.r;
     const float dr_factor = divide ? -rinv : rinv, dv_factor = divide ? rinv : lr.r;
     float dr[1] = {0.0f};
+    // du = dy·STE + the max/min shares (only where this thread may hold a tie), then dr and dc.
+    auto grads = [&](auto ext_c) {
+      constexpr bool kExt = decltype(ext_c)::value;
 #pragma unroll
-    for (int j = 0; j < kItems; ++j) {
-      if (c0 + j * step >= n) continue;
+      for (int j = 0; j < kItems; ++j) {
+        if (c0 + j * step >= n) continue;
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        float d = (in_mask >> (j * kVec + i)) & 1u ? ld_f32(gr[j].v[i]) : 0.0f;
-        d = __fadd_rn(d, u[j][i] == s.xmax ? share_max : 0.0f);
-        d = __fadd_rn(d, u[j][i] == s.xmin ? share_min : 0.0f);
-        float dv = d;
-        if (lr.has_row) {
-          dr[0] += d * u[j][i];
-          dv = d * dv_factor;
+        for (int i = 0; i < kVec; ++i) {
+          float d = (in_mask >> (j * kVec + i)) & 1u ? ld_f32(gr[j].v[i]) : 0.0f;
+          if (kExt) {
+            d = __fadd_rn(d, u[j][i] == s.xmax ? share_max : 0.0f);
+            d = __fadd_rn(d, u[j][i] == s.xmin ? share_min : 0.0f);
+          }
+          float dv = d;
+          if (lr.has_row) {
+            dr[0] += d * u[j][i];
+            dv = d * dv_factor;
+          }
+          cacc[j][i] += dv * ld_f32(xr[j].v[i]);
         }
-        cacc[j][i] += dv * ld_f32(xr[j].v[i]);
       }
-    }
+    };
+    if (has_ext) grads(std::true_type{});
+    else grads(std::false_type{});
     if (drow) {  // uniform over the launch
       team_reduce<1>(dr, sum, tp, smem);
       if (threadIdx.x == 0) drow[r] = dr[0] * dr_factor;
@@ -266,8 +336,10 @@ void fake_quant_let_forward(const Tensor& w, const GroupQuantParams& p, const Te
     constexpr int kVec = decltype(vec_c)::value, kItems = 32 / kVec;
     const int block = block_for(n, kVec, kItems);
     OMNIQ_CHECK(block <= kLetMaxBlock, "%s: rows of %lld elements are too long", op, static_cast<long long>(n));
-    fq_let_forward_kernel<TX, TY, kVec, kItems><<<static_cast<unsigned>(rows), block, 0, ctx.stream>>>(
-        w.data_as<const TX>(), y.data_as<TY>(), col, row, let.row_divide, gp, bp, static_cast<int>(n), L);
+    auto kernel = fq_v1_requested() ? fq_let_forward_kernel<TX, TY, kVec, kItems, false>
+                                    : fq_let_forward_kernel<TX, TY, kVec, kItems, true>;
+    kernel<<<static_cast<unsigned>(rows), block, 0, ctx.stream>>>(w.data_as<const TX>(), y.data_as<TY>(), col, row,
+                                                                  let.row_divide, gp, bp, static_cast<int>(n), L);
     CUDA_CHECK_LAUNCH();
   });
 }
@@ -301,7 +373,8 @@ void fake_quant_let_backward(const Tensor& dy, const Tensor& w, const GroupQuant
       constexpr int kItems = decltype(items_c)::value;
       const int block = block_for(n, kVec, kItems);
       OMNIQ_CHECK(block <= kLetMaxBlock, "%s: rows of %lld elements are too long", op, static_cast<long long>(n));
-      auto kernel = fq_let_backward_kernel<TX, TG, kVec, kItems>;
+      auto kernel = fq_v1_requested() ? fq_let_backward_kernel<TX, TG, kVec, kItems, false>
+                                      : fq_let_backward_kernel<TX, TG, kVec, kItems, true>;
       // As many blocks as fit on the GPU at once, each walking rows; no more, so that the column
       // partials ([grid, n] f32) stay small next to the weight.
       int per_sm = 0;
