@@ -152,6 +152,8 @@ BlockReport read_block_group(hid_t g, int64_t block) {
   read_attr_num(g, "peak_bytes", H5T_NATIVE_INT64, &r.peak_bytes);
   int64_t v = 0;
   if (read_attr_num(g, "nan_retries", H5T_NATIVE_INT64, &v)) r.nan_retries = static_cast<int>(v);
+  read_attr_num(g, "train_steps", H5T_NATIVE_INT64, &r.train_steps);  // absent in files before session 4
+  read_attr_num(g, "graph_steps", H5T_NATIVE_INT64, &r.graph_steps);
   if (read_attr_num(g, "resumed", H5T_NATIVE_INT64, &(v = 0))) r.resumed = v != 0;
   return r;
 }
@@ -351,6 +353,8 @@ void RunLog::write_block(const BlockReport& r, const std::vector<std::pair<std::
   attr_f64(g, "seconds", r.seconds);
   attr_i64(g, "peak_bytes", r.peak_bytes);
   attr_i64(g, "nan_retries", r.nan_retries);
+  attr_i64(g, "train_steps", r.train_steps);
+  attr_i64(g, "graph_steps", r.graph_steps);
   attr_i64(g, "resumed", r.resumed ? 1 : 0);
   for (const auto& [k, v] : r.search) attr_f64(g, "search." + k, v);  // e.g. AWQ's searched alphas
   Handle pg(H5Gcreate2(g, "params", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);

@@ -280,6 +280,8 @@ TEST(RunLog, ReopenKeepsFinishedBlocksAndRewritesRedoneOnes) {
     r.epoch_loss = {2 * loss, loss};
     r.seconds = 1.5;
     r.peak_bytes = 1024;
+    r.train_steps = 256 * b;
+    r.graph_steps = 255 * b;
     return r;
   };
   std::vector<std::pair<std::string, Tensor>> params;
@@ -308,6 +310,8 @@ TEST(RunLog, ReopenKeepsFinishedBlocksAndRewritesRedoneOnes) {
   EXPECT_EQ(rec.blocks.at(0).final_loss, 0.1);
   EXPECT_EQ(rec.blocks.at(1).final_loss, 0.25);
   EXPECT_EQ(rec.blocks.at(2).epoch_loss, (std::vector<double>{0.6, 0.3}));
+  EXPECT_EQ(rec.blocks.at(2).train_steps, 512);
+  EXPECT_EQ(rec.blocks.at(2).graph_steps, 510);
   hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
   ASSERT_GE(f, 0);
   EXPECT_EQ(h5_dataset<double>(f, "/summary/final_loss", H5T_NATIVE_DOUBLE), (std::vector<double>{0.1, 0.25, 0.3}));
