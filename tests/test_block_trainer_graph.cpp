@@ -9,6 +9,10 @@
 #include <vector>
 
 #include "experiments/calib_bench.h"
+#include "models/model_shapes.h"
+#include "quant/block_quantizer.h"
+#include "quant/block_trainer.h"
+#include "runtime/error.h"
 #include "tests/support/test_support.h"
 
 using namespace omniq;
@@ -82,4 +86,36 @@ TEST(BlockTrainerGraphCuda, LlamaW4A4LetAugReplayEqualsEager) {
 TEST(BlockTrainerGraphCuda, OptW4A4LetReplayEqualsEager) {
   OMNIQ_REQUIRE_CUDA();
   expect_same_bits("tiny-opt", omniquant(4, 4, 0, true));
+}
+
+// A non-finite loss under graph replay: found at the end of the epoch, the epoch restored and
+// retried with halved learning rates (the parameters are restored in place, so the captured graph
+// stays valid), then reported with block, epoch and sample; no non-finite parameter is kept.
+TEST(BlockTrainerGraphCuda, PersistentNanLossIsReportedAndParametersStayFinite) {
+  OMNIQ_REQUIRE_CUDA();
+  unsetenv("OMNIQ_NO_CUDA_GRAPH");
+  const ModelConfig cfg = model_shape("tiny");
+  BlockWeights w32, wc;
+  random_block_weights(cfg, 0, 1, Device::cuda(), DType::bf16, w32, wc);
+  const int64_t N = 4, T = 32;
+  Tensor q_inps = Tensor::uniform({N, T, cfg.hidden_size}, -1, 1, 3, DType::f32);
+  q_inps.data_as<float>()[2 * T * cfg.hidden_size + 5] = NAN;  // sample 2 is poisoned
+  q_inps = q_inps.to(DType::bf16).to(Device::cuda());
+  Tensor fp_outs = Tensor::uniform({N, T, cfg.hidden_size}, -1, 1, 4, DType::bf16, Device::cuda());
+  QuantConfig qc;
+  qc.wbits = 3;
+  qc.group_size = 32;
+  qc.epochs = 2;
+  qc.max_nan_retries = 2;
+  BlockQuantizer bq(cfg, qc, wc, nullptr, DType::bf16);
+  try {
+    train_block(cfg, qc, block_params(wc), bq, BlockTrainingData{&q_inps, &fp_outs, nullptr}, 0);
+    FAIL() << "a NaN loss was not reported";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("block 0 epoch 0 sample 2"), std::string::npos) << m;
+    EXPECT_NE(m.find("retries"), std::string::npos) << m;
+  }
+  for (ag::Var& p : bq.lwc_params())
+    for (float v : p->value.to_f32_vector()) ASSERT_TRUE(std::isfinite(v)) << p->name;
 }
