@@ -4,7 +4,8 @@
 // training step (f32 master weights → bf16 ŵ, dy f32) per weight and summed over a 7B block.
 // Then the fake-quant kernels in the training step's dtypes (f16 weights, bf16 ŵ and dŵ), v2 (the
 // default) against v1 (OMNIQ_FQ_V1=1, set per measurement): weight-only W4 g128 and per-channel, the
-// LET-fused per-channel op of W4A4, per 7B weight shape and summed over a block.
+// LET-fused per-channel op of W4A4, per 7B weight shape and summed over a block. The weight-only
+// backward also against the first v2 kernel (OMNIQ_FQ_V2_OLD=1) and the 3-stage stream (OMNIQ_FQ_STAGES=3).
 // Flags: --reps N, --peak-gbs X, --fake-quant-only (skip the activation ops), --ab-only (only the
 // v2-vs-v1 section). Not a test.
 #include <cstdio>
@@ -77,6 +78,7 @@ FqTimes bench_fake_quant(const char* what, int64_t out, int64_t in, int group, i
 // {v2 ms, v1 ms}.
 struct AbTimes {
   double v2, v1;
+  double v2_old = 0;  // the first v2 backward (OMNIQ_FQ_V2_OLD=1) where it differs from v2; else v2
 };
 
 AbTimes time_ab(const char* name, const std::function<void()>& f, double bytes, int reps, double peak) {
@@ -121,8 +123,20 @@ AbPair ab_weight(int64_t out, int64_t in, int group, int reps, double peak) {
   }
   std::snprintf(name, sizeof name, "fq bwd dy bf16 %-10s [%lldx%lld]", group ? "g128" : "per-chan",
                 static_cast<long long>(out), static_cast<long long>(in));
-  r.bwd = time_ab(name, [&] { fake_quant_weight_backward(dy, w, spec, &gamma, &beta, false); },
-                  n * 4.0 + groups * 16.0, reps, peak);
+  auto bwd = [&] { fake_quant_weight_backward(dy, w, spec, &gamma, &beta, false); };
+  const double bwd_bytes = n * 4.0 + groups * 16.0;
+  r.bwd = time_ab(name, bwd, bwd_bytes, reps, peak);
+  // The streaming backward (the v2 default now) against the first v2 kernel and with 3 stages.
+  char line[160];
+  setenv("OMNIQ_FQ_V2_OLD", "1", 1);
+  r.bwd.v2_old = time_ms(bwd, reps);
+  unsetenv("OMNIQ_FQ_V2_OLD");
+  std::snprintf(line, sizeof line, "%s  v2-old (OMNIQ_FQ_V2_OLD=1)", name);
+  report(line, r.bwd.v2_old, bwd_bytes, peak);
+  setenv("OMNIQ_FQ_STAGES", "3", 1);
+  std::snprintf(line, sizeof line, "%s  v2 3 stages (OMNIQ_FQ_STAGES=3)", name);
+  report(line, time_ms(bwd, reps), bwd_bytes, peak);
+  unsetenv("OMNIQ_FQ_STAGES");
   return r;
 }
 
@@ -155,16 +169,20 @@ AbPair ab_let(int64_t out, int64_t in, bool row, bool divide, int reps, double p
 }
 
 void sum_line(const char* what, const AbPair* parts, const int* count, int k, double weights, double peak) {
-  double v2 = 0, v1 = 0;
+  double v2 = 0, v1 = 0, v2_old = 0;
+  auto old_or = [](const AbTimes& t) { return t.v2_old > 0 ? t.v2_old : t.v2; };
   for (int i = 0; i < k; ++i) {
     v2 += count[i] * (parts[i].fwd.v2 + parts[i].bwd.v2);
     v1 += count[i] * (parts[i].fwd.v1 + parts[i].bwd.v1);
+    v2_old += count[i] * (old_or(parts[i].fwd) + old_or(parts[i].bwd));
   }
   const double bytes = weights * 8.0;  // 4 B forward + 4 B backward per weight
   std::printf("=> %s: fake-quant fwd+bwd per step v2 %.3f ms (%.0f GB/s, %.1f%%), v1 %.3f ms (%.0f GB/s, %.1f%%), "
               "v1/v2 %.2fx\n",
               what, v2, bytes / (v2 * 1e-3) / 1e9, 100.0 * bytes / (v2 * 1e-3) / 1e9 / peak, v1,
               bytes / (v1 * 1e-3) / 1e9, 100.0 * bytes / (v1 * 1e-3) / 1e9 / peak, v1 / v2);
+  std::printf("   (with the first v2 backward, OMNIQ_FQ_V2_OLD=1: %.3f ms, %.1f%%)\n", v2_old,
+              100.0 * bytes / (v2_old * 1e-3) / 1e9 / peak);
 }
 
 // One LLaMA-2-7B block: q, k, v, o [4096x4096], gate, up [11008x4096], down [4096x11008].

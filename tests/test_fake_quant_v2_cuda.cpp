@@ -10,6 +10,9 @@
 //      dw f32 1e-5·max|ref| + 1e-5·|ref|, 16-bit one rounding step, rtol 8e-3), the same tolerance
 //      vs v1 (only the fp32 summation order of dscale differs), and bitwise repeatable;
 //   LET-fused op: ŵ bitwise vs v1, gradients to 2e-5·max|ref| + 1e-3·|ref| vs v1.
+// The backward without dx of 16-bit weights runs the streaming kernel (fake_quant.cu): checked against
+// the CPU and v1 (tolerance), the dx kernel and the first v2 kernel (OMNIQ_FQ_V2_OLD=1; bitwise: the
+// same thread mapping), bitwise repeatable and bitwise independent of OMNIQ_FQ_STAGES.
 // Shapes: LLaMA-2 7B/13B/70B row widths 4096, 5120, 11008, 13824, 28672, g128 and per-channel.
 // Skipped without a GPU.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -38,6 +41,13 @@ const Device kGpu = Device::cuda(0);
 struct UseV1 {
   UseV1() { setenv("OMNIQ_FQ_V1", "1", 1); }
   ~UseV1() { unsetenv("OMNIQ_FQ_V1"); }
+};
+
+// Sets an A/B switch of the launchers while alive (OMNIQ_FQ_V2_OLD, OMNIQ_FQ_STAGES).
+struct ScopedEnv {
+  const char* key;
+  ScopedEnv(const char* k, const char* v) : key(k) { setenv(k, v, 1); }
+  ~ScopedEnv() { unsetenv(key); }
 };
 
 std::vector<float> host(const Tensor& t) { return t.to(Device::cpu()).to_f32_vector(); }
@@ -85,6 +95,15 @@ void check_weight(const Case& c, const std::vector<float>& wv, DType wdt, DType 
   FakeQuantWeightGrads d2 = fake_quant_weight_backward(dy_d, w_d, spec, &g_d, &b_d, true);
   FakeQuantWeightGrads d2n = fake_quant_weight_backward(dy_d, w_d, spec, &g_d, &b_d, false);  // no dx: own kernel
   FakeQuantWeightGrads d2r = fake_quant_weight_backward(dy_d, w_d, spec, &g_d, &b_d, false);
+  FakeQuantWeightGrads d2o, d2s3;  // the first v2 kernel without dx; the stream with 3 stages
+  {
+    ScopedEnv old("OMNIQ_FQ_V2_OLD", "1");
+    d2o = fake_quant_weight_backward(dy_d, w_d, spec, &g_d, &b_d, false);
+  }
+  {
+    ScopedEnv stages("OMNIQ_FQ_STAGES", "3");
+    d2s3 = fake_quant_weight_backward(dy_d, w_d, spec, &g_d, &b_d, false);
+  }
   Tensor y1;
   FakeQuantWeightGrads d1;
   {
@@ -97,10 +116,18 @@ void check_weight(const Case& c, const std::vector<float>& wv, DType wdt, DType 
   EXPECT_TRUE(close_to(d2.dw, d1.dw, 1e-5f, dw_rtol)) << "dw v2 vs v1";
   EXPECT_TRUE(close_to(d2.dgamma, d1.dgamma, 3e-5f, 1e-4f)) << "dgamma v2 vs v1";
   EXPECT_TRUE(close_to(d2.dbeta, d1.dbeta, 3e-5f, 1e-4f)) << "dbeta v2 vs v1";
-  // The dw-less kernel sums dscale in the same order as the dw kernel: the same bits, every run.
+  // Every dw-less kernel (the streaming default, the first v2 one) sums dscale with the dw kernel's
+  // thread mapping and order: the same bits, every run, whatever the stage count.
   EXPECT_TRUE(bit_equal(host(d2n.dgamma), host(d2.dgamma))) << "dgamma without dw";
   EXPECT_TRUE(bit_equal(host(d2n.dbeta), host(d2.dbeta))) << "dbeta without dw";
+  EXPECT_TRUE(bit_equal(host(d2o.dgamma), host(d2.dgamma))) << "dgamma first v2 without dw";
+  EXPECT_TRUE(bit_equal(host(d2o.dbeta), host(d2.dbeta))) << "dbeta first v2 without dw";
+  EXPECT_TRUE(close_to(d2n.dgamma, d1.dgamma, 3e-5f, 1e-4f)) << "dgamma stream vs v1";
+  EXPECT_TRUE(close_to(d2n.dbeta, d1.dbeta, 3e-5f, 1e-4f)) << "dbeta stream vs v1";
   EXPECT_TRUE(bit_equal(host(d2r.dgamma), host(d2n.dgamma))) << "dgamma repeat";
+  EXPECT_TRUE(bit_equal(host(d2r.dbeta), host(d2n.dbeta))) << "dbeta repeat";
+  EXPECT_TRUE(bit_equal(host(d2s3.dgamma), host(d2n.dgamma))) << "dgamma 3 stages";
+  EXPECT_TRUE(bit_equal(host(d2s3.dbeta), host(d2n.dbeta))) << "dbeta 3 stages";
   if (!with_cpu) return;
   Tensor y_ref = fake_quant_weight_forward(w, spec, &p.gamma, &p.beta, odt);
   EXPECT_TRUE(bit_equal(host(y2), host(y_ref))) << "forward v2 vs CPU";
@@ -108,6 +135,8 @@ void check_weight(const Case& c, const std::vector<float>& wv, DType wdt, DType 
   EXPECT_TRUE(close_to(d2.dw, r.dw, 1e-5f, dw_rtol)) << "dw v2 vs CPU";
   EXPECT_TRUE(close_to(d2.dgamma, r.dgamma, 3e-5f, 1e-4f)) << "dgamma v2 vs CPU";
   EXPECT_TRUE(close_to(d2.dbeta, r.dbeta, 3e-5f, 1e-4f)) << "dbeta v2 vs CPU";
+  EXPECT_TRUE(close_to(d2n.dgamma, r.dgamma, 3e-5f, 1e-4f)) << "dgamma stream vs CPU";
+  EXPECT_TRUE(close_to(d2n.dbeta, r.dbeta, 3e-5f, 1e-4f)) << "dbeta stream vs CPU";
 }
 
 // Weights whose quotients x/scale sit on and next to the rounding boundaries k + ½: per group the
@@ -195,12 +224,16 @@ TEST(FakeQuantV2Cuda, FullSizeWeightsMatchV1) {
 }
 
 // Odd shapes: group lengths that are not a multiple of the 16-byte vector (scalar kernels), short
-// groups (teams of 4..32 lanes and a partial last block), very long rows (re-read excess).
+// groups (teams of 4..32 lanes and a partial last block), very long rows (re-read excess), and
+// grid-stride loops of several tiles per block with a part-filled last tile.
 TEST(FakeQuantV2Cuda, OddShapesMatchCpuAndV1) {
   OMNIQ_REQUIRE_CUDA();
   const Case cases[] = {{7, 96, 4, 32, false},  {5, 100, 3, 0, false},  {3, 1000, 2, 0, true},
                         {9, 264, 4, 0, false},  {33, 136, 8, 0, false}, {3, 40000, 4, 0, false},
-                        {2, 50000, 4, 0, true}, {70, 64, 4, 64, true},  {1, 8, 4, 0, false}};
+                        {2, 50000, 4, 0, true}, {70, 64, 4, 64, true},  {1, 8, 4, 0, false},
+                        // more tiles than the streaming backward's persistent grid holds, the last
+                        // tile part-filled (g128: 64 groups a tile), and many rows of 640 vectors
+                        {30001, 128, 4, 128, false}, {1500, 5120, 3, 0, true}};
   uint64_t seed = 5000;
   for (const Case& c : cases)
     for (DType wdt : {DType::f32, DType::bf16, DType::f16}) {

@@ -63,23 +63,31 @@ __global__ void embedding_backward_kernel(const T* dy, const int32_t* ids, float
   }
 }
 
-// One column (ag::gather's vector scatter-add): one thread per table row v sums dy[n] over the
-// positions with ids[n] == v in ascending n, from 0: the CPU reference's order, so the same bits, and
-// the same every run (fp32 atomics would add a GQA group's 3+ contributions in scheduling order).
-// Every thread reads all N ids (N ≤ a few thousand here: LET's per-channel vectors). Thread 0 flags
-// out-of-range ids.
+// One column (ag::gather's vector scatter-add): table row v sums dy[n] over the positions with
+// ids[n] == v in ascending n, from 0: the CPU reference's order, so the same bits, and the same every
+// run (fp32 atomics would add a GQA group's 3+ contributions in scheduling order). One warp per row:
+// the lanes read 32 ids at a time (coalesced), a ballot marks the matches, and every lane adds them
+// in ascending n (the same adds on all lanes, lane 0 stores). V·N/32 warp steps: a few µs for LET's
+// per-channel vectors (V, N ≤ 8192). Warp 0 flags out-of-range ids.
 template <typename T>
 __global__ void gather_backward_scan_kernel(const T* dy, const int32_t* ids, float* dtable, int64_t N, int64_t V,
                                             int* flag) {
-  const int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (v >= V) return;
+  const int64_t v = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  if (v >= V) return;  // whole warps: v is the same on all 32 lanes
   float acc = 0.0f;
-  for (int64_t n = 0; n < N; ++n) {
-    const int32_t id = ids[n];
-    if (id == v) acc += to_f32(dy[n]);
-    if (v == 0 && (id < 0 || id >= V)) flag_bad(flag, n, N);
+  for (int64_t base = 0; base < N; base += 32) {
+    const int64_t n = base + lane;
+    const int32_t id = n < N ? ids[n] : -1;
+    if (v == 0 && n < N && (id < 0 || id >= V)) flag_bad(flag, n, N);
+    unsigned int match = __ballot_sync(0xffffffffu, n < N && id == v);
+    while (match) {
+      const int b = __ffs(match) - 1;
+      acc += to_f32(dy[base + b]);
+      match &= match - 1;
+    }
   }
-  dtable[v] = acc;
+  if (lane == 0) dtable[v] = acc;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,7 +143,7 @@ Tensor embedding_backward(const Tensor& dy, const Tensor& ids, int64_t vocab, bo
   ew::dispatch_f32_bf16(dy.dtype(), "embedding_backward", [&](auto tt) {
     using T = typename decltype(tt)::type;
     if (scan) {
-      gather_backward_scan_kernel<T><<<grid_for(vocab, 256), 256, 0, ctx.stream>>>(
+      gather_backward_scan_kernel<T><<<grid_for(vocab * 32, 256), 256, 0, ctx.stream>>>(
           static_cast<const T*>(dy.data()), ids.data_as<int32_t>(), dtable.data_as<float>(), N, vocab,
           flag.data_as<int>());
       CUDA_CHECK_LAUNCH();

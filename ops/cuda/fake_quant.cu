@@ -33,11 +33,18 @@
 //     for f16 weights: three 256-thread blocks per SM instead of two (more loads in flight);
 //   * the forward's warp teams aim at 8 vectors per lane (g128 of f16: 2 lanes, not 4);
 //   * with dx, the max/min tie counts only in threads that hold the group's max/min.
+// v2.1 (the default for 16-bit weights; OMNIQ_FQ_V2_OLD=1 runs the first v2 kernel): the backward
+// without dx as a persistent grid-stride kernel that keeps the next tile's w and dy in flight
+// (cp.async into shared memory) while it reduces the current one; same bits as v2.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "ops/cuda/elementwise_util.cuh"
@@ -84,8 +91,8 @@ struct Tile {
 };
 
 template <int kVec>
-__device__ __forceinline__ Tile make_tile(int team, int64_t groups, int n) {
-  const TeamPos tp = team_pos(team);
+__device__ __forceinline__ Tile make_tile(int team, int64_t groups, int n, int64_t tile) {
+  const TeamPos tp = team_pos(team, tile);
   const bool valid = tp.group < groups;
   const int64_t k = valid ? tp.group : 0;
   return {tp, valid, k, k * static_cast<int64_t>(n), tp.lane * kVec, tp.size * kVec};
@@ -93,12 +100,11 @@ __device__ __forceinline__ Tile make_tile(int team, int64_t groups, int n) {
 
 // Min/max of the group (registers first, the excess re-read), σ(γ), σ(β), and the group state.
 // own = the thread's own (max, −min) before the team reduction.
-template <int kItems, typename TX, int kVec>
-__device__ __forceinline__ GroupState tile_state(const Tile& t, const TX* xg, const Pack<TX, kVec> (&xr)[kItems],
-                                                 int n, const float* gamma, const float* beta, const Levels& L,
-                                                 float* smem, float (&own)[2]) {
-  float a, b;
-  lwc_sigmoids(gamma, beta, t.k, t.tp, a, b);  // overlaps the loads in flight
+// xr: the thread's cached vectors, xr[j] for j < kItems (a register array, or a view of shared memory).
+// a, b: σ(γ), σ(β) of the group.
+template <int kItems, typename TX, int kVec, typename XR>
+__device__ __forceinline__ GroupState tile_state_ab(const Tile& t, const TX* xg, const XR& xr, int n, float a, float b,
+                                                    const Levels& L, float* smem, float (&own)[2]) {
   float r[2] = {-INFINITY, -INFINITY};
   if (t.valid)
     sweep<kItems>(t.c0, t.step, n, [&](int j, int) { min_max_of(xr[j], r); },
@@ -107,6 +113,15 @@ __device__ __forceinline__ GroupState tile_state(const Tile& t, const TX* xg, co
   own[1] = r[1];
   team_reduce<2>(r, [](float p, float q) { return fmaxf(p, q); }, t.tp, smem);
   return group_state(r[0], -r[1], a, b, L);  // garbage but harmless for an invalid tail
+}
+
+template <int kItems, typename TX, int kVec>
+__device__ __forceinline__ GroupState tile_state(const Tile& t, const TX* xg, const Pack<TX, kVec> (&xr)[kItems],
+                                                 int n, const float* gamma, const float* beta, const Levels& L,
+                                                 float* smem, float (&own)[2]) {
+  float a, b;
+  lwc_sigmoids(gamma, beta, t.k, t.tp, a, b);  // overlaps the loads in flight
+  return tile_state_ab<kItems, TX, kVec>(t, xg, xr, n, a, b, L, smem, own);
 }
 
 // y = x̂ for every group (groups = numel / n); x and y may have different dtypes. kV2: the division by
@@ -118,7 +133,7 @@ __global__ void __launch_bounds__(kMaxBlock) fake_quant_forward_kernel(const TX*
                                                                       int n, int team, Levels L) {
   constexpr int kItems = cache_items<kVec, false>();
   __shared__ float smem[32 * 2];
-  const Tile t = make_tile<kVec>(team, groups, n);
+  const Tile t = make_tile<kVec>(team, groups, n, blockIdx.x);
   const TX* xg = x + t.off;
   Pack<TX, kVec> xr[kItems];
 #pragma unroll
@@ -176,17 +191,17 @@ constexpr int v2_no_dx_max_regs() {
 //  * the max/min tie counts (only with dx) are taken only by threads whose own max/min is the
 //    group's: an element can equal the group's max only where its thread's max does. (A warp still
 //    runs the count when one of its lanes needs it, so this pays off for block teams: long rows.)
-template <int kItems, bool kDx, typename TX, typename TG, int kVec>
+template <int kItems, bool kDx, typename TX, typename TG, int kVec, typename XR, typename GR>
 __device__ __forceinline__ void fake_quant_backward_v2(const Tile& t, const GroupState& s, const float (&own)[2],
-                                                       const TX* xg, const TG* gg, const Pack<TX, kVec> (&xr)[kItems],
-                                                       const Pack<TG, kVec> (&gr)[kItems], TX* dx, const float* gamma,
+                                                       const TX* xg, const TG* gg, const XR& xr, const GR& gr, TX* dx,
+                                                       const float* gamma,
                                                        float* dgamma, float* dbeta, int n, const Levels& L,
                                                        float* smem) {
   constexpr bool want_dx = kDx;  // a template parameter: without dx no data stays live past the sums
   const float rcp = __frcp_rn(s.scale);
   const SteBounds B = ste_bounds(s, L);
   float acc[3] = {0.0f, 0.0f, 0.0f};  // dscale, #(x == xmax), #(x == xmin)
-  static_assert(kItems * kVec <= 32, "the STE mask is one 32-bit word");
+  static_assert(!kDx || kItems * kVec <= 32, "the STE mask is one 32-bit word");
   uint32_t in_mask = 0;  // bit j·kVec + i: the STE decision of cached element (j, i), for the dx pass
   auto body = [&](auto fast_c) {
     constexpr bool kFast = decltype(fast_c)::value;
@@ -266,7 +281,7 @@ __global__ void __launch_bounds__(kMaxBlock) __maxnreg__((kMode == 1 ? v2_no_dx_
                                Levels L) {
   constexpr int kItems = cache_items<kVec, true>();
   __shared__ float smem[32 * 3];
-  const Tile t = make_tile<kVec>(team, groups, n);
+  const Tile t = make_tile<kVec>(team, groups, n, blockIdx.x);
   const TX* xg = x + t.off;
   const TG* gg = dy + t.off;
   Pack<TX, kVec> xr[kItems];
@@ -282,7 +297,8 @@ __global__ void __launch_bounds__(kMaxBlock) __maxnreg__((kMode == 1 ? v2_no_dx_
   float own[2];
   const GroupState s = tile_state<kItems>(t, xg, xr, n, gamma, beta, L, smem, own);
   if constexpr (kMode != 0) {
-    fake_quant_backward_v2<kItems, kMode == 2>(t, s, own, xg, gg, xr, gr, dx, gamma, dgamma, dbeta, n, L, smem);
+    fake_quant_backward_v2<kItems, kMode == 2, TX, TG, kVec>(t, s, own, xg, gg, xr, gr, dx, gamma, dgamma, dbeta, n,
+                                                             L, smem);
     return;
   }
 
@@ -339,6 +355,126 @@ __global__ void __launch_bounds__(kMaxBlock) __maxnreg__((kMode == 1 ? v2_no_dx_
   };
   sweep<kItems>(t.c0, t.step, n, [&](int j, int c) { emit(xr[j], gr[j], c, j); },
                 [&](int c) { emit(load_pack<TX, kVec>(xg + c), load_pack<TG, kVec>(gg + c), c, -1); });
+}
+
+// ---- v2.1: the backward without dx as a streaming kernel (default; OMNIQ_FQ_V2_OLD=1 = the above) ----
+//
+// Why: the kernel above loads a thread's vectors into registers, computes, and exits. While a block
+// computes (the team reductions, the fp64 σ, ≈ 16 instructions per element) it has no load in flight,
+// so an SM alternates bursts of loads with bursts of math and reached only 55–64% of DRAM peak (g128)
+// and 38% for per-channel rows of 11008 (512-thread blocks at 80 registers: one block per SM).
+// Here each block loops over tiles (a tile = the groups one launch block of the kernel above owns:
+// blockDim/team groups for warp teams, one row for block teams) and keeps kStages tiles in shared
+// memory: cp.async puts tile i + kStages − 1 in flight before tile i is computed. Every thread copies
+// exactly the vectors (and the σ parameter) it later reads itself, so completion needs only its own
+// cp.async.wait_group: no barrier between the copies and the math, and warps run independently.
+// The math is the same device code (tile_state_ab, fake_quant_backward_v2) in the same order with the
+// same team mapping and block size: dγ/dβ are bitwise those of the kernels above (with or without
+// dx). Block teams are capped at 64 registers (kBlockTeam), so two 512-thread blocks (rows of
+// 1025..2048 vectors: 11008, 13824) share an SM, where the kernel above fits one at 80.
+// Smem layout of a stage: x packs [cap], dy packs [cap], the lane's raw γ|β [blockDim]; thread t's
+// vector j sits at slot j·blockDim + t (consecutive threads, consecutive 16 bytes: conflict-free; for
+// a block team the slot is the vector's index in the row).
+template <typename T, int N>
+struct SmemPacks {  // a thread's vectors in a stage, read on use (keeps registers for the math)
+  const Pack<T, N>* p;
+  int stride;
+  __device__ __forceinline__ Pack<T, N> operator[](int j) const { return p[j * stride]; }
+};
+
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if constexpr (kBytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(kBytes) : "memory");
+}
+template <typename P>
+__device__ __forceinline__ void copy_async(P* dst, const P* src) {
+  constexpr int kChunk = sizeof(P) >= 16 ? 16 : static_cast<int>(sizeof(P));
+  static_assert(sizeof(P) % kChunk == 0 && (kChunk == 4 || kChunk == 8 || kChunk == 16), "cp.async sizes");
+#pragma unroll
+  for (int o = 0; o < static_cast<int>(sizeof(P)); o += kChunk)
+    cp_async<kChunk>(reinterpret_cast<char*>(dst) + o, reinterpret_cast<const char*>(src) + o);
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Byte size of one stage (host and device agree): cap packs of x and of dy, blockDim floats, 16-aligned.
+template <typename TX, typename TG, int kVec>
+__host__ __device__ constexpr size_t stream_stage_bytes(int cap, int block) {
+  const size_t bytes = static_cast<size_t>(cap) * (sizeof(Pack<TX, kVec>) + sizeof(Pack<TG, kVec>)) + 4u * block;
+  return (bytes + 15u) & ~size_t{15};
+}
+
+// team > 0: warp teams, tile = blockDim/team groups; team == 0: one group (row) per tile. The launcher
+// guarantees n ≤ kItems·team·kVec (warp teams) or n ≤ kItems·blockDim·kVec (block teams): every
+// vector is cached, the sweeps' re-read branch never runs.
+template <typename TX, typename TG, int kVec, int kItems, int kStages, bool kBlockTeam>
+__global__ void __maxnreg__(kBlockTeam ? 64 : 80)
+    fake_quant_backward_stream_kernel(const TG* __restrict__ dy, const TX* __restrict__ x,
+                                      const float* __restrict__ gamma, const float* __restrict__ beta,
+                                      float* __restrict__ dgamma, float* __restrict__ dbeta, int64_t groups, int n,
+                                      int team, int cap, Levels L) {
+  using PX = Pack<TX, kVec>;
+  using PG = Pack<TG, kVec>;
+  extern __shared__ __align__(16) unsigned char stages[];
+  __shared__ float smem[32 * 2];  // block-team reductions
+  const int tid = static_cast<int>(threadIdx.x), block = static_cast<int>(blockDim.x);
+  const size_t stage_bytes = stream_stage_bytes<TX, TG, kVec>(cap, block);
+  auto xs = [&](int st) { return reinterpret_cast<PX*>(stages + st * stage_bytes); };
+  auto gs = [&](int st) { return reinterpret_cast<PG*>(stages + st * stage_bytes + cap * sizeof(PX)); };
+  auto ps = [&](int st) {
+    return reinterpret_cast<float*>(stages + st * stage_bytes + cap * (sizeof(PX) + sizeof(PG)));
+  };
+  const int64_t per_tile = team ? block / team : 1;
+  const int64_t tiles = (groups + per_tile - 1) / per_tile;
+  // Puts tile `tile` in flight into stage st; one commit group per call, empty past the end, so the
+  // wait below always counts kStages − 1 newer groups.
+  auto issue = [&](int64_t tile, int st) {
+    if (tile < tiles) {
+      const Tile t = make_tile<kVec>(team, groups, n, tile);
+      if (gamma) copy_async(ps(st) + tid, ((tid & 1) ? beta : gamma) + t.k);  // t.k is valid even for a tail
+      if (t.valid) {
+        const TX* xg = x + t.off;
+        const TG* gg = dy + t.off;
+#pragma unroll
+        for (int j = 0; j < kItems; ++j) {
+          const int c = t.c0 + j * t.step;
+          if (c < n) {
+            copy_async(xs(st) + j * block + tid, reinterpret_cast<const PX*>(xg + c));
+            copy_async(gs(st) + j * block + tid, reinterpret_cast<const PG*>(gg + c));
+          }
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  int64_t tile = blockIdx.x;
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) issue(tile + st * static_cast<int64_t>(gridDim.x), st);
+  for (int it = 0; tile < tiles; ++it, tile += gridDim.x) {  // uniform over the block: shuffles stay legal
+    // The stage refilled here was read by this thread in the previous iteration, whose results (the
+    // shuffles, the dγ store) depend on those reads: they completed before this is issued.
+    issue(tile + (kStages - 1) * static_cast<int64_t>(gridDim.x), (it + kStages - 1) % kStages);
+    cp_async_wait<kStages - 1>();
+    const int st = it % kStages;
+    const Tile t = make_tile<kVec>(team, groups, n, tile);
+    const SmemPacks<TX, kVec> xr{xs(st) + tid, block};
+    const SmemPacks<TG, kVec> gr{gs(st) + tid, block};
+    float a = 1.0f, b = 1.0f;
+    if (gamma) lwc_sigmoids_of(ps(st)[tid], t.tp, a, b);
+    float own[2];
+    const TX* xg = x + t.off;
+    const GroupState s = tile_state_ab<kItems, TX, kVec>(t, xg, xr, n, a, b, L, smem, own);
+    fake_quant_backward_v2<kItems, false, TX, TG, kVec>(t, s, own, xg, dy + t.off, xr, gr, static_cast<TX*>(nullptr),
+                                                        gamma, dgamma, dbeta, n, L, smem);
+  }
+  cp_async_wait<0>();  // nothing may be in flight into shared memory when the block exits
 }
 
 // y = sign(s)·max(|s|, floor), sign(0) = +1 (NaN stays NaN).
@@ -400,6 +536,65 @@ GroupLaunch group_launch(int64_t groups, int64_t n, DType xdt, std::initializer_
 }
 
 
+// Blocks of `kernel` per SM with `smem` bytes of dynamic shared memory, after allowing that much.
+// Cached per (kernel, device, block, smem), so the calls happen once (the first, eager step) and
+// never while a CUDA graph is being captured or per launch.
+int stream_blocks_per_sm(const void* kernel, int device, int block, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, device, block, smem);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int occ = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, block, smem));
+  cache.emplace(key, occ);
+  return occ;
+}
+
+// The streaming backward without dx (fake_quant_backward_stream_kernel) for 16-bit x in 16-byte
+// vectors: warp teams and block teams as group_launch sizes them (≤ 4 vectors a thread), the latter for
+// rows of up to 2048 vectors (16384 elements). Returns false where it
+// does not apply (the caller runs the kernel above). The grid is at most what fits on the GPU at once
+// (a persistent grid-stride loop), at most one block per tile.
+template <typename TX, typename TG>
+bool launch_backward_stream(const GroupLaunch& l, const TG* dy, const TX* x, const float* gp, const float* bp,
+                            float* dgp, float* dbp, int64_t groups, int n, const Levels& L, CudaContext& ctx) {
+  constexpr int kVec = 8;
+  const int nvec = n / kVec;
+  const bool warp_teams = l.team > 0;
+  // group_launch's block and ≤ 4 vectors a thread (cache_items), so every thread sums the same
+  // elements in the same order as the kernels above; longer rows re-read an excess there: not here.
+  const int block = static_cast<int>(l.block.x);
+  if (!warp_teams && nvec > 4 * block) return false;
+  const int cap = warp_teams ? 4 * block : nvec;
+  const int stages = fq_stream_stages();
+  const size_t smem = stages * stream_stage_bytes<TX, TG, kVec>(cap, block);
+  const int optin = ctx.prop.sharedMemPerBlockOptin, sms = ctx.prop.multiProcessorCount;
+  if (smem > static_cast<size_t>(optin)) return false;
+  auto go = [&](auto kernel) {
+    const int occ = stream_blocks_per_sm(reinterpret_cast<const void*>(kernel), ctx.device, block, smem);
+    if (occ < 1) return false;
+    const int64_t per_tile = warp_teams ? block / l.team : 1;
+    const int64_t tiles = (groups + per_tile - 1) / per_tile;
+    if (tiles == 0) return true;  // nothing to do
+    // Every block gets the same number of tiles (±1 for the last round): a grid of all resident slots
+    // would leave most of them idle in a short last round while the others finish.
+    const int64_t slots = static_cast<int64_t>(occ) * sms, rounds = (tiles + slots - 1) / slots;
+    const int64_t grid = (tiles + rounds - 1) / rounds;
+    kernel<<<static_cast<unsigned int>(grid), block, smem, ctx.stream>>>(dy, x, gp, bp, dgp, dbp, groups, n,
+                                                                         warp_teams ? l.team : 0, cap, L);
+    CUDA_CHECK_LAUNCH();
+    return true;
+  };
+  if (warp_teams)
+    return stages == 3 ? go(fake_quant_backward_stream_kernel<TX, TG, kVec, 4, 3, false>)
+                       : go(fake_quant_backward_stream_kernel<TX, TG, kVec, 4, 2, false>);
+  return stages == 3 ? go(fake_quant_backward_stream_kernel<TX, TG, kVec, 4, 3, true>)
+                     : go(fake_quant_backward_stream_kernel<TX, TG, kVec, 4, 2, true>);
+}
+
 }  // namespace
 
 void fake_quant_groups_forward(const Tensor& x, const GroupQuantParams& p, const Tensor* gamma, const Tensor* beta,
@@ -446,6 +641,12 @@ void fake_quant_groups_backward(const Tensor& dy, const Tensor& x, const GroupQu
     using TX = typename decltype(xt)::type;
     using TG = typename decltype(gt)::type;
     constexpr int kVec = decltype(vec_c)::value;
+    if constexpr (sizeof(TX) == 2 && kVec == 8) {
+      if (!v1 && !dx && !fq_v2_old_requested() &&
+          launch_backward_stream<TX, TG>(l, dy.data_as<const TG>(), x.data_as<const TX>(), gp, bp, dgp, dbp, groups,
+                                         static_cast<int>(n), L, ctx))
+        return;
+    }
     auto kernel = v1   ? fake_quant_backward_kernel<TX, TG, kVec, 0>
                   : dx ? fake_quant_backward_kernel<TX, TG, kVec, 2>
                        : fake_quant_backward_kernel<TX, TG, kVec, 1>;

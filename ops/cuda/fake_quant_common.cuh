@@ -199,11 +199,13 @@ struct TeamPos {
   int64_t group;
 };
 
-__device__ __forceinline__ TeamPos team_pos(int team) {
-  if (team == 0) return {true, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), blockIdx.x};
+// tile: the block's unit of work (blockIdx.x, or the iteration of a grid-stride loop).
+__device__ __forceinline__ TeamPos team_pos(int team, int64_t tile) {
+  if (team == 0) return {true, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x), tile};
   return {false, team, static_cast<int>(threadIdx.x) & (team - 1),
-          blockIdx.x * static_cast<int64_t>(blockDim.x / team) + threadIdx.x / team};
+          tile * static_cast<int64_t>(blockDim.x / team) + threadIdx.x / team};
 }
+__device__ __forceinline__ TeamPos team_pos(int team) { return team_pos(team, blockIdx.x); }
 
 // Reduces v[0..N) over the team with op; every thread of the team gets the same result (a xor
 // butterfly, then for block teams the per-warp results in warp order, so the result does not
@@ -233,6 +235,15 @@ __device__ __forceinline__ void team_reduce(float* v, Op op, const TeamPos& tp, 
   }
 }
 
+// lwc_sigmoids below from the lane's raw parameter (even lanes γ_k, odd lanes β_k), e.g. prefetched.
+__device__ __forceinline__ void lwc_sigmoids_of(float raw, const TeamPos& tp, float& a, float& b) {
+  const int wl = threadIdx.x & 31;
+  const float s = sigmoid_f64(raw);
+  const int first = tp.block_team ? 0 : (wl & ~(tp.size - 1));
+  a = __shfl_sync(0xffffffffu, s, first);
+  b = __shfl_sync(0xffffffffu, s, first + 1);
+}
+
 // σ(γ_k), σ(β_k) of the thread's group. The fp64 exp is the costliest per-group step, so one warp
 // instruction stream computes both: even lanes σ(γ), odd lanes σ(β), then every lane takes them from
 // its team's first two lanes (a block team's group is the same for the whole warp). All 32 lanes
@@ -241,11 +252,7 @@ __device__ __forceinline__ void lwc_sigmoids(const float* gamma, const float* be
                                              float& a, float& b) {
   a = b = 1.0f;
   if (!gamma) return;
-  const int wl = threadIdx.x & 31;
-  const float s = sigmoid_f64((wl & 1) ? beta[k] : gamma[k]);
-  const int first = tp.block_team ? 0 : (wl & ~(tp.size - 1));
-  a = __shfl_sync(0xffffffffu, s, first);
-  b = __shfl_sync(0xffffffffu, s, first + 1);
+  lwc_sigmoids_of((threadIdx.x & 1) ? beta[k] : gamma[k], tp, a, b);
 }
 
 template <typename T, int N>
@@ -269,6 +276,21 @@ inline bool fq_v1_requested() {
 inline int fq_v2_forward_lane_vecs() {
   const char* e = std::getenv("OMNIQ_FQ_LANE_VECS");
   return e != nullptr && e[0] == '8' && e[1] == '\0' ? 8 : 4;
+}
+
+// OMNIQ_FQ_V2_OLD=1 runs the first v2 backward without dx (one group tile per block, loads straight
+// into registers) instead of the streaming v2.1 kernel (fake_quant.cu), for A/B measurements.
+inline bool fq_v2_old_requested() {
+  const char* e = std::getenv("OMNIQ_FQ_V2_OLD");
+  return e != nullptr && e[0] != '\0' && !(e[0] == '0' && e[1] == '\0');
+}
+
+// Shared-memory stages of the streaming backward: 2 (default: one tile computed while the next is in
+// flight, 3 blocks of 256 threads per SM for g128) or 3 with OMNIQ_FQ_STAGES=3 (two tiles in flight,
+// 2 blocks per SM), an A/B switch.
+inline int fq_stream_stages() {
+  const char* e = std::getenv("OMNIQ_FQ_STAGES");
+  return e != nullptr && e[0] == '3' && e[1] == '\0' ? 3 : 2;
 }
 
 inline Levels make_levels(const GroupQuantParams& p) {
