@@ -196,8 +196,25 @@ def rmsnorm(x, w, eps):
     return w * xf.to(x.dtype)
 
 
+# "sdpa": F.scaled_dot_product_attention (flash; stronger than the reference code). "eager": the
+# OmniQuant reference code's attention (QuantLlamaAttention: q·kᵀ and p·v as matmuls under autocast,
+# an additive causal mask, softmax in fp32 cast back to the compute dtype). Set by the CLI.
+ATTENTION = "sdpa"
+
+
+def eager_attention(q, k, v, scale):
+    """The reference code's materialised attention ([B, H, T, T] scores in the autocast dtype)."""
+    T = q.shape[2]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = s + torch.full((T, T), torch.finfo(s.dtype).min, device=s.device, dtype=s.dtype).triu(1)
+    return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 def causal_attention(q, k, v, scale):
-    """[B, H, T, D] causal softmax attention: SDPA (torch >= 2.1), a plain fallback for older torch."""
+    """[B, H, T, D] causal softmax attention: SDPA (torch >= 2.1), a plain fallback for older torch;
+    the reference code's eager form when ATTENTION == "eager"."""
+    if ATTENTION == "eager":
+        return eager_attention(q, k, v, scale)
     if hasattr(F, "scaled_dot_product_attention") and tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 1):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     T = q.shape[2]

@@ -24,7 +24,7 @@ gradfix    gradient fixtures on the nano models for tests/test_omniquant_grad_fi
 Examples (run from the repository root on the GPU machine):
   python3 tests/reference/omniquant_reference.py calibrate --model M --wbits 3 --lwc --let \
       --epochs 20 --nsamples 128 --seqlen 1024 --windows w.json --dtype bf16
-  python3 tests/reference/omniquant_reference.py bench --shape llama2-7b [--abits 4]
+  python3 tests/reference/omniquant_reference.py bench --shape llama2-7b [--abits 4] [--attention eager]
   python3 tests/reference/omniquant_reference.py gradfix --out tests/fixtures/omniquant_grads
 """
 import argparse
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import omniquant_block  # noqa: E402
 from omniquant_block import (BlockConfig, OmniQuantBlock, StatsRecorder, block_forward,  # noqa: E402
                              hf_block_params, write_hf_block)
 
@@ -256,6 +257,7 @@ SHAPES = {  # C, H, Hkv, D, intermediate, layers
 def bench(args):
     dev = args.device
     cuda = dev.startswith("cuda")
+    omniquant_block.ATTENTION = args.attention
 
     def sync():
         if cuda:
@@ -322,7 +324,7 @@ def bench(args):
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     name = torch.cuda.get_device_name() if cuda else dev
     label = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "") + \
-        (" LWC+LET+aug" if wa else " LWC") + (" compiled" if args.compile else "")
+        (" LWC+LET+aug" if wa else " LWC") + (" compiled" if args.compile else "") + f", {args.attention} attention"
     print(f"{args.shape} {label} [1, {T}, {C}] bf16 autocast on {name}: {ms:.1f} ms/step "
           f"(fp block forward {fwd_ms:.1f} ms/sample); {N}x{args.epochs} steps/block -> {s_block:.0f} s/block training "
           f"+ {s_passes:.0f} s no-grad passes; {L} blocks -> {(s_block + s_passes) * L / 60:.1f} min; "
@@ -459,6 +461,8 @@ def main():
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--compile", action="store_true")
+    b.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                   help="sdpa: F.scaled_dot_product_attention; eager: the reference code's matmul/softmax/matmul")
     b.add_argument("--device", default="cuda")
     g = sub.add_parser("gradfix")
     g.add_argument("--out", default=os.path.join(REPO, "tests/fixtures/omniquant_grads"))
