@@ -154,7 +154,9 @@ CalibBenchResult run_calib_bench(const CalibBenchOptions& opt, const std::functi
     };
     const BlockWeights& wq = opt.compute == DType::f32 ? wc : w32;
     CalibBenchBlock b;
+    GpuMonitor monitor(opt.device);
     b.report = calibrate_block(r.cfg, qc, wc, wq, streams, i, cb);
+    b.gpu = monitor.stop();
     const BlockReport& rep = b.report;
     double fwd_passes = static_cast<double>(N) * (qc.aug_loss && qc.trains() ? 3 : 2);
     b.train_flops = static_cast<double>(rep.train_steps) * r.flops.train_step;
@@ -181,6 +183,9 @@ CalibBenchResult run_calib_bench(const CalibBenchOptions& opt, const std::functi
       opt.device.str().c_str(), dtype_name(opt.compute), r.block_seconds, last.ms_per_step, last.train_tflops,
       100 * last.train_tflops / opt.peak_tflops, opt.peak_tflops, peak / 1073741824.0,
       static_cast<long long>(r.cfg.num_layers), r.total_minutes);
+  if (last.gpu.available && last.gpu.samples > 0)
+    r.summary += strformat(" (at %.0f MHz mean SM clock, power-capped %.0f%%)", last.gpu.mean_sm_mhz,
+                           100 * last.gpu.power_capped);
   return r;
 }
 
@@ -232,7 +237,16 @@ std::string calib_bench_json(const CalibBenchOptions& opt, const CalibBenchResul
                       {"peak_bytes", p.peak_bytes},
                       {"peak_gib", p.peak_bytes / 1073741824.0},
                       {"epoch_loss", p.epoch_loss},
-                      {"final_loss", p.final_loss}});
+                      {"final_loss", p.final_loss},
+                      {"gpu", b.gpu.available ? ordered_json{{"samples", b.gpu.samples},
+                                                             {"mean_sm_mhz", b.gpu.mean_sm_mhz},
+                                                             {"min_sm_mhz", b.gpu.min_sm_mhz},
+                                                             {"max_sm_mhz", b.gpu.max_sm_mhz},
+                                                             {"mean_power_w", b.gpu.mean_power_w},
+                                                             {"power_limit_w", b.gpu.power_limit_w},
+                                                             {"power_capped_fraction", b.gpu.power_capped},
+                                                             {"thermal_limited_fraction", b.gpu.thermal_limited}}
+                                              : ordered_json{{"unavailable", b.gpu.why}}}});
   }
   j["blocks"] = blocks;
   j["extrapolation"] = {{"layers", r.cfg.num_layers},

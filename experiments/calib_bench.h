@@ -23,6 +23,7 @@
 #include "models/model_config.h"
 #include "quant/calibrate.h"
 #include "quant/quant_config.h"
+#include "runtime/gpu_monitor.h"
 
 namespace omniq {
 
@@ -52,6 +53,7 @@ struct CalibBenchBlock {
   double ms_per_step = 0;
   double train_tflops = 0;   // achieved during the training steps
   double block_tflops = 0;   // flops / report.seconds
+  GpuMonitorStats gpu;       // SM clock and power over the block (GPU runs with NVML)
 };
 
 struct CalibBenchResult {

@@ -215,6 +215,8 @@ TEST(BenchCalibrate, TinyRunLossesDecreaseAndJsonHasTheFields) {
   EXPECT_EQ(j["extrapolation"]["layers"].get<int64_t>(), 2);
   EXPECT_EQ(j["shape"].get<std::string>(), "tiny");
   EXPECT_DOUBLE_EQ(j["blocks"][0]["train_pct_of_peak"].get<double>(), 100 * r.blocks[0].train_tflops);
+  // No clock/power monitor on the CPU: the record says why instead of inventing numbers.
+  EXPECT_EQ(j["blocks"][0]["gpu"]["unavailable"].get<std::string>(), "not a CUDA device");
 }
 
 TEST(BenchCalibrate, OptWeightActivationWithLetAndAugLossRuns) {
@@ -310,6 +312,14 @@ TEST(BenchCalibrateCuda, TinyBf16RunTrains) {
     EXPECT_TRUE(std::isfinite(b.report.final_loss));
     EXPECT_GT(b.train_tflops, 0);
     EXPECT_GT(b.report.peak_bytes, 2 * 16 * 128 * 64 * 2);  // at least the two bf16 streams
+    // With a driver, NVML is there: the block's clock and power were sampled.
+    EXPECT_TRUE(b.gpu.available) << b.gpu.why;
+    if (b.gpu.available) {
+      EXPECT_GE(b.gpu.samples, 1);
+      EXPECT_GT(b.gpu.mean_sm_mhz, 0);
+    }
   }
+  nlohmann::json j = nlohmann::json::parse(calib_bench_json(o, r));
+  if (r.blocks[1].gpu.available) EXPECT_GT(j["blocks"][1]["gpu"]["mean_sm_mhz"].get<double>(), 0);
   std::printf("%s\n", r.summary.c_str());
 }

@@ -98,6 +98,7 @@ int run_bench_calibrate(int argc, char** argv) {
                 b.train_tflops, 100 * b.train_tflops / o.peak_tflops, o.peak_tflops, b.block_tflops, p.peak_bytes / 1073741824.0,
                 p.epoch_loss.empty() ? "-" : strformat("%.5g -> %.5g", p.epoch_loss.front(), p.epoch_loss.back()).c_str(),
                 p.final_loss);
+    std::printf("         %s\n", GpuMonitor::describe(b.gpu).c_str());
     std::fflush(stdout);
   });
   std::printf("FLOPs per sample (T = %lld): forward %.4g, training step %.4g (Linear params %.4g, attention fwd %.4g)\n",
