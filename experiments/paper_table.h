@@ -10,6 +10,11 @@
 // run.h5 /summary records them: calibration and fusion, without model loading or evaluation). The
 // FP16 row is the unquantized baseline (wbits 16, abits 16), repeated in every column as the
 // reference. A cell without a complete run is "—"; the points behind such cells are listed below.
+// Points that differ only in quantization.seed share their cell, which shows "mean ± sd" (sample
+// standard deviation) over the complete ones, with a note naming the seeds: OmniQuant perplexities of
+// small models move by 1–2% from seed to seed (docs/results.md), so one seed is not a result.
+// Points that differ otherwise share a cell only in sweeps beyond the paper's: one is shown (a
+// complete one first) and a note says which.
 #pragma once
 #include <string>
 #include <vector>

@@ -174,6 +174,26 @@ TEST(SweepModels, PaperTablesConfigHasTheIssueTable) {
             std::string::npos);
 }
 
+TEST(SweepModels, SeedVarianceConfigRepeatsThePaperRecipesOverFiveSeeds) {
+  ::setenv("OMNIQ_ZOO_DIR", "/fake/zoo", 1);
+  std::vector<SweepPoint> pts = load_sweep(source_path("experiments/configs/seed_variance.yaml"));
+  ::unsetenv("OMNIQ_ZOO_DIR");
+  ASSERT_EQ(pts.size(), 30u);  // 2 models x 3 settings x 5 seeds
+  const std::string L = "llama-small-", O = "opt-small-";
+  for (int seed = 2; seed <= 6; ++seed) {
+    const std::string s = "-seed" + std::to_string(seed);
+    const QuantConfig& l3 = point(pts, L + "W3A16" + s).config.quantization;
+    EXPECT_TRUE(l3.lwc && !l3.let && !l3.aug_loss && l3.epochs == 20 && l3.seed == static_cast<uint64_t>(seed));
+    const QuantConfig& l2 = point(pts, L + "W2A16g128" + s).config.quantization;
+    EXPECT_TRUE(l2.aug_loss && !l2.let && l2.epochs == 40 && l2.group_size == 128 && l2.seed == static_cast<uint64_t>(seed));
+    const QuantConfig& o3 = point(pts, O + "W3A16" + s).config.quantization;
+    EXPECT_TRUE(o3.let && !o3.aug_loss && o3.seed == static_cast<uint64_t>(seed));
+    const QuantConfig& w4 = point(pts, L + "W4A4" + s).config.quantization;
+    EXPECT_TRUE(w4.let && w4.aug_loss && w4.let_alpha == 0.75f && w4.abits == 4);
+    EXPECT_FALSE(point(pts, O + "W4A4" + s).config.quantization.aug_loss);
+  }
+}
+
 TEST(SweepOnly, SelectsByRegexSearch) {
   EXPECT_TRUE(point_selected("opt-small-W4A16-rtn", ""));
   EXPECT_TRUE(point_selected("opt-small-W4A16-rtn", "opt-small"));
