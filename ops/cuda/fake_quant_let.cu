@@ -6,7 +6,9 @@
 // 8192 = 256 threads × 32), loaded before use so they are all in flight at once; the transformed
 // values u = (w·c) ∘ r are computed once and kept in registers too.
 //
-// Backward: the row's dscale and tie counts (team sums), dγ, dβ and dr (row sums), and the column
+// Backward (the default is now the tile kernel of fake_quant_let_backward.cu; the one below runs with
+// OMNIQ_FQ_LET_BWD_OLD=1, or OMNIQ_FQ_V1=1 in its v1 form, and where the tile kernel does not apply):
+// the row's dscale and tie counts (team sums), dγ, dβ and dr (row sums), and the column
 // gradient dc, which sums over all rows: each block walks rows blockIdx.x, +gridDim.x, ... (loading
 // the next row while it works on this one) with its threads on fixed columns, so a thread
 // accumulates its columns' dc in registers across the rows it visits and the block writes one
@@ -33,9 +35,24 @@
 
 namespace omniq::cuda {
 
+// The tile backward (fake_quant_let_backward.cu); false where it does not apply.
+bool fake_quant_let_backward_tiled(const Tensor& dy, const Tensor& w, const GroupQuantParams& p, const Tensor* gamma,
+                                   const Tensor* beta, const LetScales& let, FakeQuantLetGrads& g);
+
 namespace {
 
 using namespace fq;
+
+// Which backward runs: the tile kernel of fake_quant_let_backward.cu (default), or with
+// OMNIQ_FQ_LET_BWD_OLD=1 the block-per-row fq_let_backward_kernel below (A/B switch, read once like
+// OMNIQ_LET_WIDE; OMNIQ_FQ_V1=1, read per launch, also selects the old kernel, in its v1 form).
+bool let_bwd_old_requested() {
+  static const bool old = [] {
+    const char* e = std::getenv("OMNIQ_FQ_LET_BWD_OLD");
+    return e != nullptr && e[0] != '\0' && !(e[0] == '0' && e[1] == '\0');
+  }();
+  return old;
+}
 
 constexpr int kLetMaxBlock = 256;
 
@@ -351,6 +368,8 @@ void fake_quant_let_backward(const Tensor& dy, const Tensor& w, const GroupQuant
   const int64_t pack = static_cast<int64_t>(16 / dtype_size(w.dtype()));
   check_pointers({{w.data(), w.dtype()}, {dy.data(), dy.dtype()}, {let.col ? let.col->data() : nullptr, DType::f32}},
                  pack, op);
+  if (!fq_v1_requested() && !let_bwd_old_requested() && fake_quant_let_backward_tiled(dy, w, p, gamma, beta, let, g))
+    return;
   const Levels L = make_levels(p);
   CudaContext& ctx = cuda_context(w.device());
   int sms = 0;
