@@ -9,6 +9,7 @@
 #include "models/model_config.h"
 #include "quant/calibrate.h"
 #include "runtime/error.h"
+#include "runtime/gpu_monitor.h"
 
 namespace omniq::cli {
 
@@ -72,11 +73,14 @@ int run_calibrate(int argc, char** argv) {
                 r.final_loss, r.seconds, r.peak_bytes / 1048576.0, r.resumed ? "  (resumed)" : "");
     std::fflush(stdout);
   };
+  GpuMonitor gpu(o.device);  // the clocks the run got: times are comparable only next to them
   CalibrationResult r = calibrate_model(o);
+  const GpuMonitorStats g = gpu.stop();
   bar.finish();
   std::printf("done in %s: %zu blocks, peak memory %.0f MiB; model written to %s (state in %s)\n",
               format_duration(r.seconds).c_str(), r.blocks.size(), r.peak_bytes / 1048576.0, r.out_dir.c_str(),
               r.state_dir.c_str());
+  if (g.available) std::printf("GPU during the run: %s\n", GpuMonitor::describe(g).c_str());
   return 0;
 }
 
