@@ -65,8 +65,11 @@ std::string mean_sd(const std::vector<const PointResult*>& pts, const std::funct
                     const char* fmt) {
   double sum = 0;
   int n = 0;
-  for (const PointResult* p : pts)
-    if (std::isfinite(f(*p))) sum += f(*p), ++n;
+  for (const PointResult* p : pts) {
+    if (!std::isfinite(f(*p))) continue;
+    sum += f(*p);
+    ++n;
+  }
   if (n == 0) return kEmpty;
   const double mean = sum / n;
   if (n == 1) return strformat(fmt, mean);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <mutex>
+#include <type_traits>
 
 #include "runtime/error.h"
 #ifdef OMNIQ_HAS_CUDA
