@@ -1,5 +1,10 @@
 #include "autograd/functions.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+
 #include "ops/activation.h"
 #include "ops/attention.h"
 #include "ops/loss.h"
@@ -10,6 +15,46 @@
 #include "runtime/error.h"
 
 namespace omniq::ag {
+
+namespace {
+// -1: not read yet; else the mask of enabled parts. Read once from the environment (an A/B switch).
+std::atomic<int> g_gemm_fusion{-1};
+}  // namespace
+
+unsigned gemm_fusion_parts_from_env(const char* value) {
+  if (value == nullptr) return kFuseAll;
+  const std::string v = value;
+  if (v.empty() || v == "0") return kFuseAll;
+  if (v == "1" || v == "all") return 0;
+  unsigned on = kFuseAll;
+  size_t start = 0;
+  while (start <= v.size()) {
+    const size_t end = std::min(v.find(',', start), v.size());
+    const std::string part = v.substr(start, end - start);
+    if (part == "residual") on &= ~static_cast<unsigned>(kFuseResidual);
+    else if (part == "dx") on &= ~static_cast<unsigned>(kFuseDx);
+    else if (part == "norm") on &= ~static_cast<unsigned>(kFuseNorm);
+    else OMNIQ_FAIL("OMNIQ_NO_GEMM_FUSION='%s': unknown part '%s' (use 1, all, or a comma list of residual, dx, norm)",
+                    value, part.c_str());
+    start = end + 1;
+  }
+  return on;
+}
+
+bool gemm_fusion_env_default() { return gemm_fusion_parts_from_env(std::getenv("OMNIQ_NO_GEMM_FUSION")) == kFuseAll; }
+
+unsigned gemm_fusion_parts() {
+  int s = g_gemm_fusion.load(std::memory_order_relaxed);
+  if (s < 0) {
+    s = static_cast<int>(gemm_fusion_parts_from_env(std::getenv("OMNIQ_NO_GEMM_FUSION")));
+    g_gemm_fusion.store(s, std::memory_order_relaxed);
+  }
+  return static_cast<unsigned>(s);
+}
+
+void set_gemm_fusion_parts(unsigned parts) { g_gemm_fusion.store(static_cast<int>(parts & kFuseAll)); }
+bool gemm_fusion_enabled(unsigned parts) { return (gemm_fusion_parts() & parts) == parts; }
+void set_gemm_fusion_enabled(bool on) { set_gemm_fusion_parts(on ? kFuseAll : 0u); }
 
 namespace {
 Var result(Tensor value) { return constant(std::move(value)); }
@@ -38,21 +83,64 @@ void same_shape_add_backward(BinaryOp op, const Tensor& dy, VarData& a, VarData&
   if (op == BinaryOp::sub) accumulate_grad(b, omniq::scale(dy, -1.0f));
   else accumulate_grad(b, dy_taken ? dy.clone() : dy.alias());
 }
+
+// May a kernel add x's new gradient straight into x.grad (GEMM β = 1, a norm's dx pass) instead of
+// returning a fresh tensor for accumulate_grad to add in place? The only in-place write the tape
+// ever makes is accumulate_grad's add_inplace into the buffer x.grad owns, and by the ownership
+// rule (autograd/tape.h) no other live gradient shares that storage; so writing old + new into it
+// from the kernel touches exactly the memory add_inplace would have touched, one pass earlier.
+// What must also hold: the buffer has the dtype the kernel writes (x's value dtype: an f32 gradient
+// of a bf16 value goes through accumulate_grad as before) and x's shape, and it shares no storage
+// with what the kernel reads while writing it (`reads`: dy, by the rule impossible, and values,
+// which never hold gradients, checked anyway since it costs a pointer compare).
+bool can_accumulate_in_place(const VarData& x, unsigned part, std::initializer_list<const Tensor*> reads) {
+  if (!x.requires_grad || !x.grad.defined() || !gemm_fusion_enabled(part)) return false;
+  if (x.grad.dtype() != x.value.dtype() || x.grad.shape() != x.value.shape()) return false;
+  for (const Tensor* r : reads)
+    if (x.grad.shares_storage_with(*r)) return false;
+  return true;
+}
+
+// The backward of Y = X·Wᵀ (+ b): dx (into x's existing gradient by the GEMM when allowed), dw, db.
+// None of these hands dy's storage to anyone.
+void linear_grads(const Tensor& dy, VarData& x, VarData& w, VarData* b) {
+  const bool need_db = b && b->requires_grad;
+  // A compute-dtype weight that is not a parameter (a fake-quantized ŵ) takes its gradient in its
+  // own dtype, as PyTorch autocast does, unless it asks for f32 (f32_grad).
+  const DType dw_dtype = w.is_parameter || w.f32_grad ? DType::f32 : w.value.dtype();
+  // A Linear input read by several Linears (LLaMA's n2 by gate_proj and up_proj; q/k/v's input):
+  // the tape runs the later-recorded one first, which creates x.grad; the next one's GEMM adds into
+  // it (β = 1) instead of writing a fresh dx for an add_inplace pass.
+  const bool dx_in_place = can_accumulate_in_place(x, kFuseDx, {&dy, &w.value, &x.value});
+  if (dx_in_place) linear_backward_dx_accumulate(dy, w.value, x.grad);
+  LinearGrads g = linear_backward(dy, x.value, w.value, x.requires_grad && !dx_in_place, w.requires_grad, need_db,
+                                  dw_dtype);
+  accumulate_grad(x, std::move(g.dx));
+  accumulate_grad(w, std::move(g.dw));
+  if (need_db) accumulate_grad(*b, std::move(g.db));
+}
 }  // namespace
 
 Var linear(Tape& t, const Var& x, const Var& w, const Var& b) {
   Var y = result(linear_forward(x->value, w->value, b ? &b->value : nullptr));
   t.record(b ? std::vector<Var>{x, w, b} : std::vector<Var>{x, w}, y,
-           [x, w, b](const Tensor& dy) {
-             bool need_db = b && b->requires_grad;
-             // A compute-dtype weight that is not a parameter (a fake-quantized ŵ) takes its gradient
-             // in its own dtype, as PyTorch autocast does, unless it asks for f32 (f32_grad).
-             const DType dw_dtype = w->is_parameter || w->f32_grad ? DType::f32 : w->value.dtype();
-             LinearGrads g = linear_backward(dy, x->value, w->value, x->requires_grad, w->requires_grad, need_db,
-                                             dw_dtype);
-             accumulate_grad(*x, std::move(g.dx));
-             accumulate_grad(*w, std::move(g.dw));
-             if (need_db) accumulate_grad(*b, std::move(g.db));
+           [x, w, b](const Tensor& dy) { linear_grads(dy, *x, *w, b.get()); });
+  return y;
+}
+
+Var linear_residual(Tape& t, const Var& x, const Var& w, const Var& b, const Var& residual) {
+  OMNIQ_CHECK(residual != nullptr, "linear_residual: the residual is null (use linear)");
+  if (!gemm_fusion_enabled(kFuseResidual)) return add(t, residual, linear(t, x, w, b));  // the unfused graph, node for node
+  Var y = result(linear_forward(x->value, w->value, b ? &b->value : nullptr, &residual->value));
+  t.record(b ? std::vector<Var>{x, w, b, residual} : std::vector<Var>{x, w, residual}, y,
+           [x, w, b, residual](const Tensor& dy) {
+             linear_grads(dy, *x, *w, b.get());
+             // d(residual) = dy, handed over without a copy as same_shape_add_backward does for its
+             // first input: dy is dropped right after this node, and linear_grads gave no other
+             // input dy's storage (fresh dx/dw/db, or sums into their own buffers), so the residual
+             // is the only one that may keep it. Last, so that an in-place dx of x == residual
+             // never writes into dy while its GEMM reads dy.
+             accumulate_grad(*residual, dy.alias());
            });
   return y;
 }
@@ -91,8 +179,11 @@ Var rmsnorm(Tape& t, const Var& x, const Var& w, float eps) {
   Var y = result(rmsnorm_forward(x->value, w->value, eps, &rstd));
   auto rstd_saved = std::make_shared<Tensor>(std::move(rstd));
   t.record({x, w}, y, [x, w, rstd_saved](const Tensor& dy) {
-    // A constant norm weight (LWC-only training) skips the dw column sums.
-    NormGrads g = rmsnorm_backward(dy, x->value, w->value, *rstd_saved, x->requires_grad, w->requires_grad);
+    // A constant norm weight (LWC-only training) skips the dw column sums. When x already holds a
+    // gradient (the block's h: the residual path's arrives first), the dx kernel adds into it.
+    const bool dx_in_place = can_accumulate_in_place(*x, kFuseNorm, {&dy, &x->value});
+    NormGrads g = rmsnorm_backward(dy, x->value, w->value, *rstd_saved, x->requires_grad, w->requires_grad,
+                                   dx_in_place ? &x->grad : nullptr);
     accumulate_grad(*x, std::move(g.dx));
     accumulate_grad(*w, std::move(g.dw));
   });
@@ -104,8 +195,9 @@ Var layernorm(Tape& t, const Var& x, const Var& w, const Var& b, float eps) {
   Var y = result(layernorm_forward(x->value, w->value, b->value, eps, &mean, &rstd));
   auto stats = std::make_shared<std::pair<Tensor, Tensor>>(std::move(mean), std::move(rstd));
   t.record({x, w, b}, y, [x, w, b, stats](const Tensor& dy) {
+    const bool dx_in_place = can_accumulate_in_place(*x, kFuseNorm, {&dy, &x->value});
     NormGrads g = layernorm_backward(dy, x->value, w->value, stats->first, stats->second, x->requires_grad,
-                                     w->requires_grad, b->requires_grad);
+                                     w->requires_grad, b->requires_grad, dx_in_place ? &x->grad : nullptr);
     accumulate_grad(*x, std::move(g.dx));
     accumulate_grad(*w, std::move(g.dw));
     accumulate_grad(*b, std::move(g.db));

@@ -6,8 +6,27 @@
 
 namespace omniq::ag {
 
+// GEMM / epilogue fusions of the training step, each removing one elementwise pass per use and
+// one bf16 rounding:
+//   kFuseResidual  a residual add folded into the Linear GEMM's epilogue (linear_residual);
+//   kFuseDx        a Linear's dX accumulated by its GEMM (β = 1) into a gradient buffer that exists;
+//   kFuseNorm      a norm's dx added in place by the norm's dx kernel.
+// The environment (read once, at the first call) switches them off for A/B comparisons:
+// OMNIQ_NO_GEMM_FUSION=1 (or "all") all of them, or a comma list of parts, e.g. "dx,norm"
+// ("residual", "dx", "norm"); unset, empty or "0": all on. Tests set them directly.
+enum GemmFusion : unsigned { kFuseResidual = 1u, kFuseDx = 2u, kFuseNorm = 4u, kFuseAll = 7u };
+unsigned gemm_fusion_parts();                        // the enabled parts
+void set_gemm_fusion_parts(unsigned parts);
+bool gemm_fusion_enabled(unsigned parts = kFuseAll);  // every part in `parts` enabled
+void set_gemm_fusion_enabled(bool on);                // all parts on or off
+unsigned gemm_fusion_parts_from_env(const char* value);  // parses an OMNIQ_NO_GEMM_FUSION value
+bool gemm_fusion_env_default();  // the environment now (not cached): all parts on
+
 // Y = X·Wᵀ (+ b). x [..., K], w [N, K], b [N] or null.
 Var linear(Tape& t, const Var& x, const Var& w, const Var& b = nullptr);
+// Y = residual + (X·Wᵀ (+ b)): the residual ([..., N], x's dtype) is added in the GEMM epilogue and
+// its gradient is dY handed over without a copy. Without fusion: add(residual, linear(x, w, b)).
+Var linear_residual(Tape& t, const Var& x, const Var& w, const Var& b, const Var& residual);
 Var binary(Tape& t, BinaryOp op, const Var& a, const Var& b);
 inline Var add(Tape& t, const Var& a, const Var& b) { return binary(t, BinaryOp::add, a, b); }
 inline Var sub(Tape& t, const Var& a, const Var& b) { return binary(t, BinaryOp::sub, a, b); }

@@ -29,11 +29,19 @@ struct BlockCtx {
   ag::Var linear(const std::string& site, const ag::Var& x) const {
     return ag::linear(t, act(site, x), req(site + ".weight"), p(site + ".bias"));
   }
+  // residual + Linear(x), the add folded into the GEMM epilogue (ag::linear_residual; the unfused
+  // add with OMNIQ_NO_GEMM_FUSION=1). Hooks see exactly what they see in linear(): the activation
+  // hook the Linear's input, the param hooks its weight and bias; the residual joins the output.
+  ag::Var linear_residual(const std::string& site, const ag::Var& x, const ag::Var& residual) const {
+    return ag::linear_residual(t, act(site, x), req(site + ".weight"), p(site + ".bias"), residual);
+  }
 };
 
 // Self-attention shared by both architectures: q/k/v projections, optional RoPE, causal GQA
 // attention, output projection. `x` is the normalised block input [B, T, C].
-ag::Var self_attention(const BlockCtx& c, const ModelConfig& cfg, const ag::Var& x, const char* out_site) {
+// The output projection adds `residual` in its epilogue (x + attn(...) of the block).
+ag::Var self_attention(const BlockCtx& c, const ModelConfig& cfg, const ag::Var& x, const char* out_site,
+                       const ag::Var& residual) {
   const Shape& s = x->value.shape();
   int64_t B = s[0], T = s[1], H = cfg.num_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim;
   ag::Var q = ag::reshape(c.t, c.linear("q_proj", x), {B, T, H, D});
@@ -47,17 +55,17 @@ ag::Var self_attention(const BlockCtx& c, const ModelConfig& cfg, const ag::Var&
   k = c.act("k", k);
   v = c.act("v", v);
   ag::Var o = ag::attention(c.t, q, k, v, 1.0f / std::sqrt(static_cast<float>(D)), /*causal=*/true);
-  return c.linear(out_site, ag::reshape(c.t, o, {B, T, H * D}));
+  return c.linear_residual(out_site, ag::reshape(c.t, o, {B, T, H * D}), residual);
 }
 
 // HF LlamaDecoderLayer: h = x + attn(rmsnorm(x)); out = h + down(silu(gate(n)) * up(n)), n = rmsnorm(h)
 ag::Var llama_block(const BlockCtx& c, const ModelConfig& cfg, const ag::Var& x) {
   float eps = cfg.norm_eps;
   ag::Var n1 = ag::rmsnorm(c.t, x, c.req("input_layernorm.weight"), eps);
-  ag::Var h = ag::add(c.t, x, self_attention(c, cfg, n1, "o_proj"));
+  ag::Var h = self_attention(c, cfg, n1, "o_proj", x);
   ag::Var n2 = ag::rmsnorm(c.t, h, c.req("post_attention_layernorm.weight"), eps);
   ag::Var m = ag::swiglu(c.t, c.linear("gate_proj", n2), c.linear("up_proj", n2));
-  return ag::add(c.t, h, c.linear("down_proj", m));
+  return c.linear_residual("down_proj", m, h);
 }
 
 // HF OPTDecoderLayer. Pre-LN (do_layer_norm_before): h = x + attn(ln1(x)); out = h + fc2(relu(fc1(ln2(h)))).
@@ -69,13 +77,13 @@ ag::Var opt_block(const BlockCtx& c, const ModelConfig& cfg, const ag::Var& x) {
     return ag::layernorm(c.t, v, c.req(n + ".weight"), c.req(n + ".bias"), eps);
   };
   if (cfg.do_layer_norm_before) {
-    ag::Var h = ag::add(c.t, x, self_attention(c, cfg, ln("self_attn_layer_norm", x), "out_proj"));
+    ag::Var h = self_attention(c, cfg, ln("self_attn_layer_norm", x), "out_proj", x);
     ag::Var m = ag::relu(c.t, c.linear("fc1", ln("final_layer_norm", h)));
-    return ag::add(c.t, h, c.linear("fc2", m));
+    return c.linear_residual("fc2", m, h);
   }
-  ag::Var h = ln("self_attn_layer_norm", ag::add(c.t, x, self_attention(c, cfg, x, "out_proj")));
+  ag::Var h = ln("self_attn_layer_norm", self_attention(c, cfg, x, "out_proj", x));
   ag::Var m = ag::relu(c.t, c.linear("fc1", h));
-  return ln("final_layer_norm", ag::add(c.t, h, c.linear("fc2", m)));
+  return ln("final_layer_norm", c.linear_residual("fc2", m, h));
 }
 
 }  // namespace

@@ -36,9 +36,19 @@ void check_linear_operands(const Tensor& x, const Tensor& w, const char* op) {
 
 }  // namespace
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
+Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* residual) {
   const char* op = "linear_forward";
   check_linear_operands(x, w, op);
+  if (residual) {
+    check_defined(*residual, op, "residual");
+    Shape want = x.shape();
+    want.dims[want.ndim - 1] = w.size(0);
+    OMNIQ_CHECK(residual->shape() == want, "%s: residual %s must have the output's shape %s (x %s, w %s)", op,
+                residual->str().c_str(), want.str().c_str(), x.str().c_str(), w.str().c_str());
+    OMNIQ_CHECK(residual->dtype() == x.dtype(), "%s: residual %s must have x's dtype %s", op,
+                residual->str().c_str(), dtype_name(x.dtype()));
+    check_same_device(x, *residual, op);
+  }
   if (bias) {
     check_defined(*bias, op, "bias");
     OMNIQ_CHECK(bias->ndim() == 1 && bias->size(0) == w.size(0), "%s: bias %s must be [N] = [%lld] for w %s", op,
@@ -49,12 +59,12 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
   }
   if (x.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
-    return cuda::linear_forward(x, w, bias);
+    return cuda::linear_forward(x, w, bias, residual);
 #else
     no_cuda(op, x);
 #endif
   }
-  return cpu::linear_forward(x, w, bias);
+  return cpu::linear_forward(x, w, bias, residual);
 }
 
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
@@ -81,6 +91,38 @@ LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, 
   LinearGrads g = cpu::linear_backward(dy, x, w, need_dx, need_dw, need_db);
   if (g.dw.defined() && g.dw.dtype() != dw_dtype) g.dw = g.dw.to(dw_dtype);
   return g;
+}
+
+void linear_backward_dx_accumulate(const Tensor& dy, const Tensor& w, Tensor& dx) {
+  const char* op = "linear_backward_dx_accumulate";
+  check_defined(dy, op, "dy");
+  check_defined(w, op, "w");
+  check_defined(dx, op, "dx");
+  check_gemm_dtype(dy, op, "dy");
+  OMNIQ_CHECK(dy.dtype() == w.dtype() && dx.dtype() == w.dtype(), "%s: dy %s, w %s and dx %s must share one dtype",
+              op, dy.str().c_str(), w.str().c_str(), dx.str().c_str());
+  check_same_device(dy, w, op);
+  check_same_device(dx, w, op);
+  OMNIQ_CHECK(w.ndim() == 2, "%s: w must be [N, K], got %s", op, w.str().c_str());
+  OMNIQ_CHECK(dy.ndim() >= 1 && dx.ndim() >= 1 && dy.cols() == w.size(0) && dx.cols() == w.size(1) &&
+                  dy.rows() == dx.rows(),
+              "%s: dy %s times w %s does not give dx %s (expected dy [..., N], dx [..., K] with the same rows)", op,
+              dy.str().c_str(), w.str().c_str(), dx.str().c_str());
+  OMNIQ_CHECK(w.size(0) > 0, "%s: w %s has no output features", op, w.str().c_str());
+  // The GEMM reads dy and w while it writes dx: an overlap would read partly updated values.
+  OMNIQ_CHECK(!dx.shares_storage_with(dy) && !dx.shares_storage_with(w),
+              "%s: dx %s shares storage with dy %s or w %s", op, dx.str().c_str(), dy.str().c_str(),
+              w.str().c_str());
+  if (dx.numel() == 0) return;
+  if (dx.device().is_cuda()) {
+#ifdef OMNIQ_HAS_CUDA
+    cuda::linear_backward_dx_accumulate(dy, w, dx);
+    return;
+#else
+    no_cuda(op, dx);
+#endif
+  }
+  cpu::linear_backward_dx_accumulate(dy, w, dx);
 }
 
 Tensor bmm(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,

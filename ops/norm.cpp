@@ -47,6 +47,17 @@ void check_row_stat(const Tensor& s, const Tensor& x, const char* op, const char
   check_same_device(s, x, op);
 }
 
+// The gradient buffer a backward accumulates dx into: x's shape and dtype, no storage shared with
+// what the dx kernel reads (dy, x), since the kernel reads those while it rewrites dx_accum.
+void check_dx_accum(const Tensor& acc, const Tensor& dy, const Tensor& x, const char* op) {
+  OMNIQ_CHECK(acc.defined(), "%s: dx_accum is undefined", op);
+  OMNIQ_CHECK(acc.shape() == x.shape() && acc.dtype() == x.dtype(), "%s: dx_accum %s must have x's shape and dtype (%s)",
+              op, acc.str().c_str(), x.str().c_str());
+  check_same_device(acc, x, op);
+  OMNIQ_CHECK(!acc.shares_storage_with(dy) && !acc.shares_storage_with(x),
+              "%s: dx_accum %s shares storage with dy or x", op, acc.str().c_str());
+}
+
 #ifndef OMNIQ_HAS_CUDA
 [[noreturn]] void no_cuda(const char* op) {
   OMNIQ_FAIL("%s: this omniq was built without CUDA, but the tensors are on a CUDA device", op);
@@ -78,29 +89,35 @@ Tensor rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor* rstd
 }
 
 NormGrads rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, bool need_dx,
-                           bool need_dw) {
+                           bool need_dw, Tensor* dx_accum) {
   const char* op = "rmsnorm_backward";
   check_input(x, op);
   check_grad_inputs(dy, x, op);
   check_param(w, x, op, "w");
   check_row_stat(rstd, x, op, "rstd");
+  const bool accum = need_dx && dx_accum != nullptr;
+  if (accum) check_dx_accum(*dx_accum, dy, x, op);
   NormGrads g;
-  if (need_dx) g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  // With accumulation the kernels write into a view of the caller's buffer (g.dx is reset below).
+  if (accum) g.dx = dx_accum->alias();
+  else if (need_dx) g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
   if (need_dw) g.dw = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
   if (x.rows() == 0) {
     if (need_dw) g.dw.zero();
+    if (accum) g.dx = Tensor();  // nothing to add
     return g;
   }
   if (!need_dx && !need_dw) return g;
   if (x.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
-    cuda::rmsnorm_backward(dy, x, w, rstd, g.dx, g.dw);
+    cuda::rmsnorm_backward(dy, x, w, rstd, g.dx, g.dw, accum);
 #else
     no_cuda(op);
 #endif
   } else {
-    cpu::rmsnorm_backward(dy, x, w, rstd, g.dx, g.dw);
+    cpu::rmsnorm_backward(dy, x, w, rstd, g.dx, g.dw, accum);
   }
+  if (accum) g.dx = Tensor();
   return g;
 }
 
@@ -131,32 +148,37 @@ Tensor layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, floa
 }
 
 NormGrads layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                             const Tensor& rstd, bool need_dx, bool need_dw, bool need_db) {
+                             const Tensor& rstd, bool need_dx, bool need_dw, bool need_db, Tensor* dx_accum) {
   const char* op = "layernorm_backward";
   check_input(x, op);
   check_grad_inputs(dy, x, op);
   check_param(w, x, op, "w");
   check_row_stat(mean, x, op, "mean");
   check_row_stat(rstd, x, op, "rstd");
+  const bool accum = need_dx && dx_accum != nullptr;
+  if (accum) check_dx_accum(*dx_accum, dy, x, op);
   NormGrads g;
-  if (need_dx) g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+  if (accum) g.dx = dx_accum->alias();
+  else if (need_dx) g.dx = Tensor::empty(x.shape(), x.dtype(), x.device());
   if (need_dw) g.dw = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
   if (need_db) g.db = Tensor::empty(Shape{x.cols()}, DType::f32, x.device());
   if (x.rows() == 0) {
     if (need_dw) g.dw.zero();
     if (need_db) g.db.zero();
+    if (accum) g.dx = Tensor();  // nothing to add
     return g;
   }
   if (!need_dx && !need_dw && !need_db) return g;
   if (x.device().is_cuda()) {
 #ifdef OMNIQ_HAS_CUDA
-    cuda::layernorm_backward(dy, x, w, mean, rstd, g.dx, g.dw, g.db);
+    cuda::layernorm_backward(dy, x, w, mean, rstd, g.dx, g.dw, g.db, accum);
 #else
     no_cuda(op);
 #endif
   } else {
-    cpu::layernorm_backward(dy, x, w, mean, rstd, g.dx, g.dw, g.db);
+    cpu::layernorm_backward(dy, x, w, mean, rstd, g.dx, g.dw, g.db, accum);
   }
+  if (accum) g.dx = Tensor();
   return g;
 }
 

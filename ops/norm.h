@@ -41,34 +41,43 @@ struct NormGrads {
 // row) on x's device, which rmsnorm_backward needs.
 Tensor rmsnorm_forward(const Tensor& x /*[..., C]*/, const Tensor& w /*f32 [C]*/, float eps, Tensor* rstd_out);
 NormGrads rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd /*f32 [rows]*/,
-                           bool need_dx = true, bool need_dw = true);
+                           bool need_dx = true, bool need_dw = true, Tensor* dx_accum = nullptr);
 
 // y = LayerNorm(x) · w + b. mean_out / rstd_out (each may be null) receive f32 [rows].
 Tensor layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b /*f32 [C]*/, float eps, Tensor* mean_out,
                          Tensor* rstd_out);
 NormGrads layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                             const Tensor& rstd, bool need_dx = true, bool need_dw = true, bool need_db = true);
+                             const Tensor& rstd, bool need_dx = true, bool need_dw = true, bool need_db = true,
+                             Tensor* dx_accum = nullptr);
+// dx_accum (both backwards): when non-null (and need_dx), dx is not returned but added into
+// *dx_accum (x's shape and dtype; it must not share storage with dy or x): the dx kernel reads the
+// old value and writes old + dx (fp32 sum, one rounding) in the pass that would have written a
+// fresh dx. Autograd uses it for a residual stream whose gradient already exists (the block's h
+// gets one gradient from the residual path, one from the norm), saving the add_inplace pass.
 
 // ---- backends (arguments already validated by the functions above; call those instead) ----
 // Each writes into preallocated outputs; mean/rstd outputs are always allocated by the caller. A
 // gradient output (dx, dw, db) left undefined by the caller is not computed.
+// accumulate_dx: dx holds a gradient already and receives dx + (the new dx) instead.
 namespace cpu {
 void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd);
-void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw);
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
+                      bool accumulate_dx = false);
 void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y, Tensor& mean,
                        Tensor& rstd);
 void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
-                        Tensor& dx, Tensor& dw, Tensor& db);
+                        Tensor& dx, Tensor& dw, Tensor& db, bool accumulate_dx = false);
 }  // namespace cpu
 
 #ifdef OMNIQ_HAS_CUDA
 namespace cuda {
 void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd);
-void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw);
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
+                      bool accumulate_dx = false);
 void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& y, Tensor& mean,
                        Tensor& rstd);
 void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
-                        Tensor& dx, Tensor& dw, Tensor& db);
+                        Tensor& dx, Tensor& dw, Tensor& db, bool accumulate_dx = false);
 }  // namespace cuda
 #endif
 

@@ -29,9 +29,9 @@ Shape with_last_dim(const Shape& s, int64_t n) {
 
 }  // namespace
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
+Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* residual) {
   const int64_t R = x.rows(), K = x.cols(), N = w.size(0);
-  Tensor xh, wh, bh;
+  Tensor xh, wh, bh, rh;
   const float* X = host_f32(x, xh);
   const float* W = host_f32(w, wh);
   Tensor y = Tensor::empty(with_last_dim(x.shape(), N), DType::f32);
@@ -43,7 +43,27 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
     for (int64_t r = 0; r < R; ++r)
       for (int64_t n = 0; n < N; ++n) Y[r * N + n] += b[n];
   }
+  if (residual) {
+    // The residual joins the fp32 sum before the single rounding (the CUDA epilogue's β·C).
+    const float* Rp = host_f32(*residual, rh);
+    for (int64_t i = 0; i < R * N; ++i) Y[i] += Rp[i];
+  }
   return finish(std::move(y), x.dtype());
+}
+
+void linear_backward_dx_accumulate(const Tensor& dy, const Tensor& w, Tensor& dx) {
+  const int64_t R = dx.rows(), K = dx.cols(), N = w.size(0);
+  Tensor dyh, wh;
+  const float* DY = host_f32(dy, dyh);
+  const float* W = host_f32(w, wh);
+  // prod[R, K] = dY[R, N] · W[N, K] in fp32, then old + prod in fp32 and one rounding into dx. For
+  // f32 this is bitwise what a fresh dx followed by add_inplace gives.
+  Tensor prod = Tensor::empty(dx.shape(), DType::f32);
+  float* P = prod.data_as<float>();
+  gemm_f32(false, false, R, K, N, 1.f, DY, N, W, K, 0.f, P, K);
+  std::vector<float> old = dx.to_f32_vector();
+  for (int64_t i = 0; i < R * K; ++i) P[i] = old[static_cast<size_t>(i)] + P[i];
+  dx.copy_from(prod);
 }
 
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,

@@ -26,6 +26,15 @@ float round_to(DType dt, float v) {
 // Writes fp32 host values into t, converting to t's dtype (round to nearest even).
 void store(Tensor& t, const std::vector<float>& v) { t.copy_from(Tensor::from_f32(v, t.shape())); }
 
+// dx's final value: the new fp32 dx, plus (accumulate) the fp32 value dx holds, rounded once by store.
+void store_dx(Tensor& dx, std::vector<float>& v, bool accumulate) {
+  if (accumulate) {
+    const std::vector<float> old = dx.to_f32_vector();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = old[i] + v[i];
+  }
+  store(dx, v);
+}
+
 }  // namespace
 
 void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Tensor& rstd) {
@@ -51,7 +60,8 @@ void rmsnorm_forward(const Tensor& x, const Tensor& w, float eps, Tensor& y, Ten
 // y_c = w_c · x_c · r with r = (mean(x²) + eps)^(-1/2), so ∂r/∂x_j = −r³ x_j / C and
 //   dx_j = r · (g_j − x̂_j · mean_c(g_c · x̂_c)),   g = dy · w,  x̂ = x · r.
 // An undefined dx or dw is not computed (see ops/norm.h).
-void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw) {
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd, Tensor& dx, Tensor& dw,
+                      bool accumulate_dx) {
   const int64_t R = x.rows(), C = x.cols();
   const DType dt = x.dtype();
   const bool need_dx = dx.defined(), need_dw = dw.defined();
@@ -74,7 +84,7 @@ void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const 
     if (need_dw)
       for (int64_t c = 0; c < C; ++c) dw_acc[c] += static_cast<double>(gr[c]) * round_to(dt, xr[c] * rs);
   }
-  if (need_dx) store(dx, dxv);
+  if (need_dx) store_dx(dx, dxv, accumulate_dx);
   if (need_dw) {
     float* dwp = dw.data_as<float>();
     for (int64_t c = 0; c < C; ++c) dwp[c] = static_cast<float>(dw_acc[c]);
@@ -109,7 +119,7 @@ void layernorm_forward(const Tensor& x, const Tensor& w, const Tensor& b, float 
 // x̂ = (x − mean)·r; with g = dy·w:  dx_j = r · (g_j − mean_c(g_c) − x̂_j · mean_c(g_c · x̂_c)),
 // dw = Σ_rows dy·x̂, db = Σ_rows dy. An undefined dx, dw or db is not computed.
 void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean, const Tensor& rstd,
-                        Tensor& dx, Tensor& dw, Tensor& db) {
+                        Tensor& dx, Tensor& dw, Tensor& db, bool accumulate_dx) {
   const int64_t R = x.rows(), C = x.cols();
   const bool need_dx = dx.defined(), need_dw = dw.defined(), need_db = db.defined();
   const std::vector<float> xv = x.to_f32_vector(), dyv = dy.to_f32_vector();
@@ -140,7 +150,7 @@ void layernorm_backward(const Tensor& dy, const Tensor& x, const Tensor& w, cons
       if (need_db) db_acc[c] += gr[c];
     }
   }
-  if (need_dx) store(dx, dxv);
+  if (need_dx) store_dx(dx, dxv, accumulate_dx);
   if (need_dw) {
     float* dwp = dw.data_as<float>();
     for (int64_t c = 0; c < C; ++c) dwp[c] = static_cast<float>(dw_acc[c]);

@@ -7,13 +7,18 @@
 //   is computed as the column-major product  Cᵀ[N,M] = op(B)ᵀ[N,K] · op(A)ᵀ[K,M]:
 //     cuBLASLt "A" := our B, transa := trans_b, layout (trans_b ? K x N : N x K), ld = ldb
 //     cuBLASLt "B" := our A, transb := trans_a, layout (trans_a ? M x K : K x M), ld = lda
-//     cuBLASLt "C"/"D" := our C, layout N x M, ld = ldc; m = N, n = M, k = K.
+//     cuBLASLt "C"/"D" := our C/D, layout N x M, ld = ldc; m = N, n = M, k = K.
+//   cuBLASLt takes C (read, scaled by beta) and D (written) separately; with GemmArgs::D set they
+//   are different buffers of one layout: that is how a residual add is folded into a Linear
+//   (C = residual, beta = 1, D = the fresh output) without an extra elementwise pass.
 //   The BIAS epilogue adds a vector of length "rows of D" = N broadcast over the M columns, which is
 //   exactly our per-output-feature bias broadcast over rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <array>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -106,7 +111,7 @@ uint32_t alignment_of(const void* p) {
 // One cached GEMM configuration: descriptors plus the algorithm the heuristic picked for them.
 struct GemmPlan {
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t lay_a = nullptr, lay_b = nullptr, lay_c = nullptr;  // cuBLASLt's A, B, C(=D)
+  cublasLtMatrixLayout_t lay_a = nullptr, lay_b = nullptr, lay_c = nullptr;  // cuBLASLt's A, B, C (= D's layout)
   cublasLtMatmulAlgo_t algo{};
   bool bias_epilogue = false;  // false with a bias: add it with add_bias_kernel after the GEMM
 
@@ -123,10 +128,17 @@ struct GemmPlan {
 
 using PlanKey = std::array<int64_t, 21>;
 
+// The buffer the GEMM writes: D when given, else C (in place).
+void* out_ptr(const GemmArgs& g) { return g.D ? g.D : g.C; }
+// The C operand handed to cuBLASLt: C when it is read (beta != 0), else the output itself, so the
+// pointer whose alignment the plan was built for is the one passed (and a null C never is).
+const void* c_operand(const GemmArgs& g) { return g.beta != 0.f ? g.C : out_ptr(g); }
+
 PlanKey make_key(const GemmArgs& g) {
   return {g.trans_a, g.trans_b, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, g.stride_a, g.stride_b, g.stride_c, g.batch,
           static_cast<int64_t>(g.ab_type), static_cast<int64_t>(g.c_type), g.beta != 0.f, g.bias != nullptr,
-          alignment_of(g.A), alignment_of(g.B), alignment_of(g.C), g.bias ? alignment_of(g.bias) : 0, 0};
+          alignment_of(g.A), alignment_of(g.B), alignment_of(c_operand(g)), g.bias ? alignment_of(g.bias) : 0,
+          alignment_of(out_ptr(g))};
 }
 
 // Plans per device. The mutex also covers the launch, because the bias pointer is an attribute of
@@ -145,6 +157,42 @@ void set_layout_batch(cublasLtMatrixLayout_t lay, int64_t batch, int64_t stride)
   CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(lay, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
   CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(lay, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
                                                 sizeof(stride)));
+}
+
+// OMNIQ_GEMM_PLAN_LOG=1 (read once): one stderr line per new plan with the shape, beta, whether C
+// and D differ, the alignments and the algorithm the heuristic picked (config id, tile, stages,
+// split-K, reduction scheme, swizzle, cluster shape, waves). For comparing plans across A/B runs
+// (e.g. a residual GEMM with beta = 1 against the plain one) next to an ncu profile.
+bool plan_log_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("OMNIQ_GEMM_PLAN_LOG");
+    return e != nullptr && e[0] != '\0' && !(e[0] == '0' && e[1] == '\0');
+  }();
+  return on;
+}
+
+uint32_t algo_attr(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
+  uint32_t v = 0;  // every attribute read here is 32-bit; unknown ones leave 0
+  size_t written = 0;
+  if (cublasLtMatmulAlgoConfigGetAttribute(&algo, attr, &v, sizeof(v), &written) != CUBLAS_STATUS_SUCCESS) return 0;
+  return v;
+}
+
+void log_plan(const GemmArgs& g, const GemmPlan& p, const cublasLtMatmulHeuristicResult_t& r) {
+  if (!plan_log_enabled()) return;
+  std::fprintf(stderr,
+               "[omniq gemm plan] M=%lld N=%lld K=%lld batch=%lld ta=%d tb=%d %s->%s beta=%g C%sD bias=%s "
+               "align A/B/C/D=%u/%u/%u/%u | algo id=%u tile=%u stages=%u splitk=%u red=%u swizzle=%u "
+               "custom=%u cluster=%u waves=%.2f ws=%zu\n",
+               (long long)g.M, (long long)g.N, (long long)g.K, (long long)g.batch, g.trans_a, g.trans_b,
+               dtype_name(g.ab_type), dtype_name(g.c_type), g.beta, g.D && g.D != g.C ? "!=" : "==",
+               g.bias ? (p.bias_epilogue ? "epilogue" : "kernel") : "none", alignment_of(g.A), alignment_of(g.B),
+               alignment_of(c_operand(g)), alignment_of(out_ptr(g)), algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_ID),
+               algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_TILE_ID), algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
+               algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+               algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+               algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING), algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
+               algo_attr(p.algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID), r.wavesCount, r.workspaceSize);
 }
 
 // Builds descriptors and asks the heuristic for one algorithm. Returns null when the heuristic has
@@ -177,12 +225,13 @@ std::unique_ptr<GemmPlan> build_plan(const GemmArgs& g, bool bias_epilogue, cons
   std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>, cublasStatus_t (*)(cublasLtMatmulPreference_t)>
       pref_guard(pref, cublasLtMatmulPreferenceDestroy);
   const uint64_t ws = ctx.workspace_bytes;
-  const uint32_t al_a = alignment_of(g.B), al_b = alignment_of(g.A), al_c = alignment_of(g.C);
+  const uint32_t al_a = alignment_of(g.B), al_b = alignment_of(g.A), al_c = alignment_of(c_operand(g)),
+                 al_d = alignment_of(out_ptr(g));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d)));
 
   cublasLtMatmulHeuristicResult_t result{};
   int returned = 0;
@@ -192,6 +241,7 @@ std::unique_ptr<GemmPlan> build_plan(const GemmArgs& g, bool bias_epilogue, cons
   CUBLAS_CHECK(st);
   CUBLAS_CHECK(result.state);
   p->algo = result.algo;
+  log_plan(g, *p, result);
   return p;
 }
 
@@ -212,6 +262,8 @@ void check_gemm_args(const GemmArgs& g) {
   OMNIQ_CHECK(g.bias == nullptr || g.batch == 1, "cuda::gemm: a bias needs batch == 1 (got %lld)",
               (long long)g.batch);
   OMNIQ_CHECK(g.device >= 0 && g.device < kMaxDevices, "cuda::gemm: device %d out of range", g.device);
+  OMNIQ_CHECK(out_ptr(g) != nullptr, "cuda::gemm: no output buffer (C and D are both null)");
+  OMNIQ_CHECK(g.beta == 0.f || g.C != nullptr, "cuda::gemm: beta = %g needs a C operand", g.beta);
 }
 
 Shape with_last_dim(const Shape& s, int64_t n) {
@@ -251,9 +303,9 @@ void gemm(const GemmArgs& g) {
     if (p.bias_epilogue)
       CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
     bias_by_kernel = g.bias != nullptr && !p.bias_epilogue;
-    // Swapped operands: see the mapping at the top of this file.
-    CUBLAS_CHECK(cublasLtMatmul(ctx.lt, p.desc, &g.alpha, g.B, p.lay_a, g.A, p.lay_b, &g.beta, g.C, p.lay_c, g.C,
-                                p.lay_c, &p.algo, ctx.workspace, ctx.workspace_bytes, ctx.stream));
+    // Swapped operands: see the mapping at the top of this file. C and D share one layout.
+    CUBLAS_CHECK(cublasLtMatmul(ctx.lt, p.desc, &g.alpha, g.B, p.lay_a, g.A, p.lay_b, &g.beta, c_operand(g), p.lay_c,
+                                out_ptr(g), p.lay_c, &p.algo, ctx.workspace, ctx.workspace_bytes, ctx.stream));
   }
   if (bias_by_kernel) {
     OMNIQ_CHECK(g.ldc == g.N, "cuda::gemm: bias fallback needs a packed C (ldc %lld != N %lld)", (long long)g.ldc,
@@ -261,13 +313,13 @@ void gemm(const GemmArgs& g) {
     with_float_type(g.c_type, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       add_bias_kernel<T><<<grid_for(g.M * g.N, 256), 256, 0, ctx.stream>>>(
-          static_cast<T*>(g.C), static_cast<const T*>(g.bias), g.M, g.N);
+          static_cast<T*>(out_ptr(g)), static_cast<const T*>(g.bias), g.M, g.N);
       CUDA_CHECK_LAUNCH();
     });
   }
 }
 
-Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
+Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* residual) {
   const int64_t R = x.rows(), K = x.cols(), N = w.size(0);
   Tensor y = Tensor::empty(with_last_dim(x.shape(), N), x.dtype(), x.device());
   GemmArgs g;
@@ -278,9 +330,33 @@ Tensor linear_forward(const Tensor& x, const Tensor& w, const Tensor* bias) {
   g.A = x.data(), g.lda = K;
   g.B = w.data(), g.ldb = K;
   g.C = y.data(), g.ldc = N;
+  if (residual) {
+    // Y = X·Wᵀ (+ b) + 1·R in the epilogue: C = residual (only read), D = y. Napkin math for
+    // T = 2048, C = 4096 bf16: the separate add read 2 × 16 MB and wrote 16 MB (~15 µs on an H100);
+    // here the GEMM reads R once while it writes Y anyway. Measured (ncu, H100, 7B step): the
+    // beta = 1 GEMMs take 3-5.5 µs longer than beta = 0 (same algorithm: the heuristic does not see
+    // beta), the add kernels they replace took ~16 µs each.
+    g.C = residual->data();  // const data: cuBLASLt only reads C when D is given
+    g.D = y.data();
+    g.beta = 1.f;
+  }
   g.bias = bias ? bias->data() : nullptr;
   if (R > 0) gemm(g);
   return y;
+}
+
+void linear_backward_dx_accumulate(const Tensor& dy, const Tensor& w, Tensor& dx) {
+  // dX[R, K] += dY[R, N] · W[N, K]: beta = 1, C = D = dx (in place, one layout).
+  const int64_t R = dx.rows(), K = dx.cols(), N = w.size(0);
+  GemmArgs g;
+  g.device = dx.device().index;
+  g.M = R, g.N = K, g.K = N;
+  g.ab_type = g.c_type = dx.dtype();
+  g.A = dy.data(), g.lda = N;
+  g.B = w.data(), g.ldb = K;
+  g.C = dx.data(), g.ldc = K;
+  g.beta = 1.f;
+  if (R > 0) gemm(g);
 }
 
 LinearGrads linear_backward(const Tensor& dy, const Tensor& x, const Tensor& w, bool need_dx, bool need_dw,
