@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "ops/embedding.h"
+#include "ops/fake_quant_lwc_update.h"
 #include "runtime/error.h"
 
 namespace omniq::ag {
@@ -44,6 +45,21 @@ Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const 
 
 Var fake_quant_weight(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta) {
   return fake_quant_weight(t, w, spec, gamma, beta, w->value.dtype());
+}
+
+Var fake_quant_weight_cached(Tape& t, const Var& w, const Var& gamma, const Var& beta,
+                             const std::shared_ptr<FusedLwcWeight>& state) {
+  OMNIQ_CHECK(gamma && beta && state && state->w_hat.defined(),
+              "fake_quant_weight_cached: needs LWC gamma, beta and an initialised ŵ cache");
+  OMNIQ_CHECK(!w->requires_grad, "fake_quant_weight_cached: w must be frozen (the fused step computes no dw)");
+  Var y = constant(state->w_hat.alias());
+  t.record({w, gamma, beta}, y, [w, gamma, beta, state](const Tensor& dy) {
+    FusedLwcWeight& s = *state;
+    fake_quant_lwc_update(dy, w->value, s.spec, gamma->value, beta->value, s.m_gamma, s.v_gamma, s.m_beta, s.v_beta,
+                          s.scalars, s.slot_gamma, s.slot_beta, s.w_hat);
+  });
+  y->f32_grad = f32_weight_grads();
+  return y;
 }
 
 Var fake_quant_weight_let(Tape& t, const Var& w, const WeightQuantSpec& spec, const Var& gamma, const Var& beta,

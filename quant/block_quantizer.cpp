@@ -9,6 +9,7 @@
 #include "ops/activation.h"
 #include "ops/elementwise.h"
 #include "ops/fake_quant_let.h"
+#include "ops/fake_quant_lwc_update.h"
 #include "ops/reduce.h"
 #include "runtime/error.h"
 
@@ -193,6 +194,7 @@ ag::Var BlockQuantizer::transform(ag::Tape& t, const std::string& key, const ag:
   bool quantize = is_linear && is_weight && qc_.weight_quant() && !skip_weight_quant_;
   if (quantize) {
     if (ag::Var y = fused_let_weight(t, prefix, p, weight_dtype)) return y;
+    if (ag::Var y = cached_lwc_weight(t, prefix, p, weight_dtype)) return y;
   }
   if (is_weight && is_linear && v->value.dtype() != DType::f32) {
     // An f16 copy of the weight (fp16-exact checkpoints): the LET ops below work in f32.
@@ -287,6 +289,74 @@ ag::Var BlockQuantizer::fused_let_weight(ag::Tape& t, const std::string& site, c
                                    weight_dtype);
 }
 
+// ---------------------------------------------------------------------------------------------
+// the fused LWC step
+
+bool BlockQuantizer::site_has_let(const std::string& site) const {
+  for (const TransformPair& pr : pairs_)
+    if (pr.producer == site || contains(pr.consumers, site)) return true;
+  return false;
+}
+
+int BlockQuantizer::enable_fused_lwc_update(const std::vector<LwcAdamWSlot>& slots, const Tensor& scalars) {
+  fused_lwc_.clear();
+  if (!qc_.weight_quant()) return 0;
+  const WeightQuantSpec spec{qc_.wbits, qc_.group_size, qc_.symmetric};
+  auto find = [&](const ag::Var& p) -> const LwcAdamWSlot* {
+    for (const LwcAdamWSlot& s : slots)
+      if (s.param == p) return &s;
+    return nullptr;
+  };
+  std::map<std::string, std::shared_ptr<ag::FusedLwcWeight>> caches;
+  for (const std::string& site : block_linear_sites(cfg_)) {
+    auto [gamma, beta] = lwc_of(site);
+    if (!gamma || site_has_let(site)) continue;  // LET weights keep fake_quant_weight_let
+    const Tensor& w = originals_.at(site + ".weight")->value;
+    if (!fake_quant_lwc_update_supported(spec, w.dtype(), compute_)) continue;
+    const LwcAdamWSlot* sg = find(gamma);
+    const LwcAdamWSlot* sb = find(beta);
+    if (!sg || !sb) continue;
+    auto c = std::make_shared<ag::FusedLwcWeight>();
+    c->spec = spec;
+    c->m_gamma = sg->m.alias();
+    c->v_gamma = sg->v.alias();
+    c->m_beta = sb->m.alias();
+    c->v_beta = sb->v.alias();
+    c->scalars = scalars.alias();
+    c->slot_gamma = sg->slot;
+    c->slot_beta = sb->slot;
+    caches[site] = std::move(c);
+  }
+  fused_lwc_ = std::move(caches);
+  refresh_fused_lwc_cache();
+  return static_cast<int>(fused_lwc_.size());
+}
+
+void BlockQuantizer::refresh_fused_lwc_cache() {
+  for (auto& [site, c] : fused_lwc_) {
+    auto [gamma, beta] = lwc_of(site);
+    // The unfused forward's op, so the cache holds exactly the ŵ the unfused step would compute.
+    Tensor w_hat = fake_quant_weight_forward(originals_.at(site + ".weight")->value, c->spec, &gamma->value,
+                                             &beta->value, compute_);
+    if (c->w_hat.defined()) c->w_hat.copy_from(w_hat);  // keep the address a captured graph uses
+    else c->w_hat = std::move(w_hat);
+  }
+}
+
+ag::Var BlockQuantizer::cached_lwc_weight(ag::Tape& t, const std::string& site, const ag::Var& w, DType weight_dtype) {
+  if (in_fused_) return nullptr;
+  auto it = fused_lwc_.find(site);
+  if (it == fused_lwc_.end()) return nullptr;
+  const ag::FusedLwcWeight& c = *it->second;
+  const Tensor& orig = originals_.at(site + ".weight")->value;
+  // Only for the weight the cache was computed from, in the dtype it holds.
+  if (weight_dtype != c.w_hat.dtype() || w->value.data() != orig.data() || w->value.shape() != orig.shape() ||
+      w->value.dtype() != orig.dtype())
+    return nullptr;
+  auto [gamma, beta] = lwc_of(site);
+  return ag::fake_quant_weight_cached(t, w, gamma, beta, it->second);
+}
+
 bool BlockQuantizer::fuses_all_let(const ModelConfig& cfg, const QuantConfig& qc) {
   if (!(qc.method == "omniquant" && qc.let && qc.weight_quant())) return false;
   if (cfg.is_opt() && qc.act_quant()) return false;  // LET shifts: bias corrections use the weights
@@ -309,6 +379,11 @@ ag::Var BlockQuantizer::activation(ag::Tape& t, const std::string& site, const a
 }
 
 BlockWeights BlockQuantizer::fused(const BlockWeights& weights, DType out_dtype) {
+  struct InFused {  // the final weights are computed by the unfused ops from γ, β, never from a cache
+    bool& f;
+    explicit InFused(bool& flag) : f(flag) { f = true; }
+    ~InFused() { f = false; }
+  } in_fused(in_fused_);
   BlockWeights out;
   out.what = weights.what + " (quantized)";
   ag::Tape t;  // records (the parameters require grad) but is never run backward

@@ -12,10 +12,13 @@
 // Linear weights/biases the block computes with are in the compute dtype: a fake-quantized weight
 // comes out of the quantizer in it directly (fp32 math, one rounding), the rest is cast.
 #pragma once
+#include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "autograd/quant_functions.h"
 #include "autograd/tape.h"
 #include "models/decoder_block.h"
 #include "quant/quant_config.h"
@@ -37,6 +40,13 @@ class ActivationStatsRecorder : public BlockHooks {
 
  private:
   std::map<std::string, ChannelStats> stats_;
+};
+
+// One LWC parameter's optimizer state, handed to BlockQuantizer::enable_fused_lwc_update.
+struct LwcAdamWSlot {
+  ag::Var param;  // a γ or β of lwc_params()
+  Tensor m, v;    // its AdamW moments (aliases of the optimizer's; updated in place)
+  int64_t slot;   // its row in the optimizer's scalars buffer (detail::AdamWScalars, 7 floats)
 };
 
 // Which parameters a BlockQuantizer creates depends on qc.method:
@@ -65,6 +75,22 @@ class BlockQuantizer : public BlockHooks {
   std::vector<ag::Var> lwc_params() const;
   std::vector<ag::Var> let_params() const;
 
+  // Fused LWC step (ops/fake_quant_lwc_update.h), opt-in for the trainer: every quantized Linear
+  // weight with LWC, no LET on it and a supported layout then takes ŵ from a persistent cache
+  // (ag::fake_quant_weight_cached), and its backward updates γ, β, m, v in place (AdamW with the rows
+  // `slot` of `scalars`) and refreshes the cache: γ, β get no gradient, the optimizer skips them.
+  // The other weights keep the unfused path. Assumes each Linear weight is fetched once per step
+  // (decoder_block_forward does): a second use would apply a second update in the same step.
+  // Allocates and fills the caches (call it outside any
+  // CUDA-graph capture); `slots` must hold both γ and β of a weight for it to be fused. Returns the
+  // number of weights fused.
+  int enable_fused_lwc_update(const std::vector<LwcAdamWSlot>& slots, const Tensor& scalars);
+  // Recomputes every cache from the current γ, β (after the trainer restored a snapshot).
+  void refresh_fused_lwc_cache();
+  // Back to the unfused path; drops the caches and the aliases of the optimizer's state.
+  void disable_fused_lwc_update() { fused_lwc_.clear(); }
+  bool fused_lwc_enabled() const { return !fused_lwc_.empty(); }
+
   // The final block: LET fused into the weights, Linear weights fake-quantized (in `out_dtype`),
   // norm parameters f32. Computed without recording gradients.
   BlockWeights fused(const BlockWeights& weights, DType out_dtype);
@@ -84,6 +110,10 @@ class BlockQuantizer : public BlockHooks {
   // ŵ of a Linear weight with its LET scales through the fused op, or null where that op does not
   // apply (no LET on the weight, an unsupported layout): transform() then composes the ops.
   ag::Var fused_let_weight(ag::Tape& t, const std::string& site, const ag::Var& w, DType weight_dtype);
+  // ŵ of a site from the fused LWC cache, or null where the site is not fused (or w / the dtype is not
+  // the one cached): transform() then runs the unfused ops.
+  ag::Var cached_lwc_weight(ag::Tape& t, const std::string& site, const ag::Var& w, DType weight_dtype);
+  bool site_has_let(const std::string& site) const;
 
   const ModelConfig& cfg_;
   QuantConfig qc_;
@@ -95,6 +125,8 @@ class BlockQuantizer : public BlockHooks {
   std::map<std::string, ag::Var> learned_;
   Tensor kv_to_q_index_;     // i32 [Hq*D]: q channel -> kv channel (GQA expansion)
   Tensor rope_tie_index_;    // i32 [Hkv*D]: channel -> its free parameter (RoPE pairs tied)
+  std::map<std::string, std::shared_ptr<ag::FusedLwcWeight>> fused_lwc_;  // site -> cache (fused LWC step)
+  bool in_fused_ = false;  // set inside fused(): the final weights never come from the training cache
 };
 
 }  // namespace omniq

@@ -1,6 +1,8 @@
 #include "quant/block_trainer.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "autograd/functions.h"
 #include "ops/adamw.h"
@@ -42,6 +44,30 @@ void restore(std::vector<OptimizedParam>& ps, const Snapshot& s) {
   }
 }
 
+// OMNIQ_NO_FUSED_LWC=1 keeps the unfused LWC step on CUDA (fake-quant backward, AdamW, next forward as
+// three kernels per weight): the A/B switch of the fused one (ops/fake_quant_lwc_update.h).
+bool fused_lwc_disabled() {
+  const char* e = std::getenv("OMNIQ_NO_FUSED_LWC");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+// Per-channel weights (group = whole row) are fused only with OMNIQ_FUSED_LWC_PER_CHANNEL=1: on the H100
+// the fused op alone is faster than the unfused ops for the 7B W3 per-channel shapes (bench_lwc_update:
+// 0.62 vs 0.78 ms per block), but the whole training step measured SLOWER with it (5.61 vs 5.36 ms),
+// for a reason not found yet (not a fallback or an extra kernel by reading the code; suspects: L2 reuse of
+// ŵ by the forward GEMM that the cache gives up, clocks under the power cap). Grouped weights gain.
+bool fused_lwc_per_channel() {
+  const char* e = std::getenv("OMNIQ_FUSED_LWC_PER_CHANNEL");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
+// Turns the quantizer's fused LWC mode off when training ends (also on an exception): its caches alias
+// the optimizer state that dies with train_block.
+struct FusedLwcGuard {
+  BlockQuantizer& bq;
+  ~FusedLwcGuard() { bq.disable_fused_lwc_update(); }
+};
+
 }  // namespace
 
 BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
@@ -50,7 +76,8 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
                                 const std::function<void(int, double)>& on_epoch) {
   BlockTrainingResult result;
   std::vector<OptimizedParam> opt;
-  for (const ag::Var& p : bq.lwc_params()) opt.push_back({p, Tensor::zeros(p->value.shape(), DType::f32, p->value.device()),
+  const std::vector<ag::Var> lwc = bq.lwc_params();
+  for (const ag::Var& p : lwc) opt.push_back({p, Tensor::zeros(p->value.shape(), DType::f32, p->value.device()),
                                                           Tensor::zeros(p->value.shape(), DType::f32, p->value.device()), qc.lwc_lr});
   for (const ag::Var& p : bq.let_params()) opt.push_back({p, Tensor::zeros(p->value.shape(), DType::f32, p->value.device()),
                                                           Tensor::zeros(p->value.shape(), DType::f32, p->value.device()), qc.let_lr});
@@ -84,6 +111,20 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
     }
   };
   refresh_configs();
+
+  // The fused LWC step on CUDA: for weight-only-quantized Linears without LET the fake-quant backward,
+  // the AdamW update of γ, β and the next step's forward run as one kernel per weight in the backward
+  // (BlockQuantizer::enable_fused_lwc_update); those γ, β then get no gradient and the AdamW launch
+  // below skips them. Same bits as the unfused step. Set up here, before the first (eager) step, so the
+  // ŵ caches are allocated outside any graph capture.
+  FusedLwcGuard fused_guard{bq};
+  const bool fused_lwc = on_cuda && !fused_lwc_disabled() && (qc.group_size > 0 || fused_lwc_per_channel());
+  if (fused_lwc) {
+    std::vector<LwcAdamWSlot> slots;
+    for (size_t i = 0; i < lwc.size(); ++i)
+      slots.push_back({opt[i].var, opt[i].m.alias(), opt[i].v.alias(), static_cast<int64_t>(i)});
+    result.fused_lwc_weights = bq.enable_fused_lwc_update(slots, scalars_buf);
+  }
 
   // One training step on sample j. On CUDA the sample is already in x_buf/fp_buf/aug_buf and the
   // step's AdamW scalars in scalars_buf; the loss goes to loss_buf. Everything it allocates is freed
@@ -186,6 +227,7 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
       std::string msg = strformat("block %lld epoch %d sample %lld: non-finite loss (%g)", static_cast<long long>(block_index),
                                   epoch, static_cast<long long>(bad), l[static_cast<size_t>(bad)]);
       restore(opt, snap);  // never keep parameters a non-finite step has touched
+      if (bq.fused_lwc_enabled()) bq.refresh_fused_lwc_cache();  // the ŵ caches of the restored γ, β
       OMNIQ_CHECK(attempt < qc.max_nan_retries,
                   "%s after %d retries with halved learning rates: giving up. Check the input data, try lower "
                   "--lwc-lr/--let-lr, or --device cpu to rule out bf16 overflow",

@@ -7,6 +7,11 @@
 // the first bad sample, restores the parameters and optimizer state from the start of the epoch,
 // halves both learning rates and runs the epoch again, at most `max_nan_retries` times; then it
 // throws. Non-finite parameters are never kept.
+//
+// On CUDA the LWC parameters of weights without LET are updated by the fused LWC step (fake-quant
+// backward + AdamW + the next step's forward in one kernel per weight, ops/fake_quant_lwc_update.h;
+// same bits as the unfused ops); OMNIQ_NO_FUSED_LWC=1 runs the unfused ops (A/B switch). Per-channel
+// configs (group size 0) keep the unfused ops unless OMNIQ_FUSED_LWC_PER_CHANNEL=1 (see block_trainer.cpp).
 #pragma once
 #include <functional>
 #include <string>
@@ -22,6 +27,7 @@ struct BlockTrainingResult {
   std::vector<double> epoch_loss;  // mean loss of each epoch (after retries)
   int nan_retries = 0;
   int64_t graph_steps = 0;  // steps run as CUDA graph replays (0 on the CPU or with OMNIQ_NO_CUDA_GRAPH)
+  int fused_lwc_weights = 0;  // Linears trained with the fused LWC step (0 on the CPU, OMNIQ_NO_FUSED_LWC=1)
   std::vector<std::string> warnings;  // one line per recovered NaN/Inf
 };
 

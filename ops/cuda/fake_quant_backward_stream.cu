@@ -5,10 +5,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <map>
-#include <mutex>
-#include <tuple>
 
+#include "ops/cuda/cp_async.cuh"
 #include "ops/cuda/fake_quant_group.cuh"
 #include "runtime/cuda_context.h"
 
@@ -34,34 +32,7 @@ namespace {
 // Smem layout of a stage: x packs [cap], dy packs [cap], the lane's raw γ|β [blockDim]; thread t's
 // vector j sits at slot j·blockDim + t (consecutive threads, consecutive 16 bytes: conflict-free; for
 // a block team the slot is the vector's index in the row).
-template <typename T, int N>
-struct SmemPacks {  // a thread's vectors in a stage, read on use (keeps registers for the math)
-  const Pack<T, N>* p;
-  int stride;
-  __device__ __forceinline__ Pack<T, N> operator[](int j) const { return p[j * stride]; }
-};
-
-template <int kBytes>
-__device__ __forceinline__ void cp_async(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  if constexpr (kBytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(kBytes) : "memory");
-}
-template <typename P>
-__device__ __forceinline__ void copy_async(P* dst, const P* src) {
-  constexpr int kChunk = sizeof(P) >= 16 ? 16 : static_cast<int>(sizeof(P));
-  static_assert(sizeof(P) % kChunk == 0 && (kChunk == 4 || kChunk == 8 || kChunk == 16), "cp.async sizes");
-#pragma unroll
-  for (int o = 0; o < static_cast<int>(sizeof(P)); o += kChunk)
-    cp_async<kChunk>(reinterpret_cast<char*>(dst) + o, reinterpret_cast<const char*>(src) + o);
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
+// SmemPacks, cp_async, copy_async and the commit/wait helpers: ops/cuda/cp_async.cuh.
 
 // Byte size of one stage (host and device agree): cap packs of x and of dy, blockDim floats, 16-aligned.
 template <typename TX, typename TG, int kVec>
@@ -134,23 +105,6 @@ __global__ void __maxnreg__(kBlockTeam ? 64 : 80)
                                                         gamma, dgamma, dbeta, n, L, smem);
   }
   cp_async_wait<0>();  // nothing may be in flight into shared memory when the block exits
-}
-
-// Blocks of `kernel` per SM with `smem` bytes of dynamic shared memory, after allowing that much.
-// Cached per (kernel, device, block, smem), so the calls happen once (the first, eager step) and
-// never while a CUDA graph is being captured or per launch.
-int stream_blocks_per_sm(const void* kernel, int device, int block, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kernel, device, block, smem);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  int occ = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, block, smem));
-  cache.emplace(key, occ);
-  return occ;
 }
 
 }  // namespace
