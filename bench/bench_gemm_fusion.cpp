@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include "runtime/cuda_context.h"
+#include "bench/bench_timing.h"
 #endif
 
 namespace {
@@ -56,31 +57,10 @@ Options parse(int argc, char** argv) {
 }
 
 #ifdef OMNIQ_HAS_CUDA
-#define BENCH_CUDA(expr)                                                      \
-  do {                                                                        \
-    cudaError_t e_ = (expr);                                                  \
-    if (e_ != cudaSuccess) {                                                  \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                           \
-    }                                                                         \
-  } while (0)
-
-// Mean microseconds per call of f, CUDA events on the omniq stream after a warmup.
+// Mean microseconds per call of f on the omniq stream after the warmup (bench/bench_timing.h).
 template <typename F>
 double time_us(const Options& o, cudaStream_t stream, F&& f) {
-  for (int i = 0; i < o.warmup; ++i) f();
-  cudaEvent_t start, stop;
-  BENCH_CUDA(cudaEventCreate(&start));
-  BENCH_CUDA(cudaEventCreate(&stop));
-  BENCH_CUDA(cudaEventRecord(start, stream));
-  for (int i = 0; i < o.reps; ++i) f();
-  BENCH_CUDA(cudaEventRecord(stop, stream));
-  BENCH_CUDA(cudaEventSynchronize(stop));
-  float ms = 0;
-  BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  BENCH_CUDA(cudaEventDestroy(start));
-  BENCH_CUDA(cudaEventDestroy(stop));
-  return 1000.0 * ms / o.reps;
+  return 1000.0 * omniq::bench::time_ms(stream, o.warmup, o.reps, f);
 }
 
 void line(const char* name, double us) { std::printf("  %-48s %9.1f us\n", name, us); }

@@ -5,9 +5,8 @@
 // forward; then the sums over one block (q, k, v, o ×4, gate, up ×2, down ×1).
 // Napkin math: fused moves 2 (w) + 2 (dŴ) + 2 (ŵ) = 6 bytes per weight; unfused 4 (bwd) + 4 (fwd) = 8,
 // plus AdamW's 28 bytes per group. GB/s and % of peak (H100 SXM ≈ 3350 GB/s; --peak-gbs) use those.
-// Host timing (std::chrono around `reps` back-to-back launches and a device sync): the kernels are
-// ≥ 20 µs, so launch overhead hides behind them. Flags: --reps N, --peak-gbs X. Not a test.
-#include <chrono>
+// Timed with CUDA events around `reps` back-to-back launches (bench/bench_timing.h). Flags: --reps N,
+// --peak-gbs X. Not a test.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -20,7 +19,8 @@
 #include "ops/fake_quant_lwc_update.h"
 #include "runtime/tensor.h"
 #ifdef OMNIQ_HAS_CUDA
-#include "runtime/cuda_backend.h"
+#include "bench/bench_timing.h"
+#include "runtime/cuda_context.h"
 #endif
 
 using namespace omniq;
@@ -28,14 +28,7 @@ using namespace omniq;
 namespace {
 
 #ifdef OMNIQ_HAS_CUDA
-double time_ms(const std::function<void()>& f, int reps) {
-  for (int i = 0; i < 3; ++i) f();
-  cuda_rt::synchronize(0);
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < reps; ++i) f();
-  cuda_rt::synchronize(0);
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
-}
+double time_ms(const std::function<void()>& f, int reps) { return bench::time_ms(cuda_context(0).stream, 3, reps, f); }
 
 // Sets an A/B switch while alive (value null: the default).
 struct ScopedEnv {

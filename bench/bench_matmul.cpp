@@ -24,6 +24,7 @@
 
 #include "ops/cuda/flash_attention.h"
 #include "runtime/cuda_context.h"
+#include "bench/bench_timing.h"
 #endif
 
 namespace {
@@ -59,31 +60,10 @@ Options parse(int argc, char** argv) {
 }
 
 #ifdef OMNIQ_HAS_CUDA
-#define BENCH_CUDA(expr)                                                                     \
-  do {                                                                                       \
-    cudaError_t e_ = (expr);                                                                 \
-    if (e_ != cudaSuccess) {                                                                 \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, cudaGetErrorString(e_));                \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
-
-// Mean milliseconds per call of f, timed with CUDA events on the omniq stream after a warmup.
+// Mean milliseconds per call of f on the omniq stream after the warmup (bench/bench_timing.h).
 template <typename F>
 double time_ms(const Options& o, cudaStream_t stream, F&& f) {
-  for (int i = 0; i < o.warmup; ++i) f();
-  cudaEvent_t start, stop;
-  BENCH_CUDA(cudaEventCreate(&start));
-  BENCH_CUDA(cudaEventCreate(&stop));
-  BENCH_CUDA(cudaEventRecord(start, stream));
-  for (int i = 0; i < o.reps; ++i) f();
-  BENCH_CUDA(cudaEventRecord(stop, stream));
-  BENCH_CUDA(cudaEventSynchronize(stop));
-  float ms = 0;
-  BENCH_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  BENCH_CUDA(cudaEventDestroy(start));
-  BENCH_CUDA(cudaEventDestroy(stop));
-  return ms / o.reps;
+  return omniq::bench::time_ms(stream, o.warmup, o.reps, f);
 }
 
 void report(const char* name, double ms, double flop, const Options& o) {

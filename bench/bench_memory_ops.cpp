@@ -20,6 +20,7 @@
 #include "ops/fake_quant.h"
 #include "ops/fake_quant_let.h"
 #include "ops/norm.h"
+#include "bench/bench_timing.h"
 #include "runtime/cuda_context.h"
 #include "runtime/tensor.h"
 
@@ -27,20 +28,7 @@ using namespace omniq;
 
 namespace {
 
-double time_ms(const std::function<void()>& f, int reps) {
-  cudaStream_t s = cuda_context(0).stream;
-  for (int i = 0; i < 3; ++i) f();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  cudaEventRecord(a, s);
-  for (int i = 0; i < reps; ++i) f();
-  cudaEventRecord(b, s);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  return ms / reps;
-}
+double time_ms(const std::function<void()>& f, int reps) { return bench::time_ms(cuda_context(0).stream, 3, reps, f); }
 
 void report(const char* name, double ms, double bytes, double peak_gbs) {
   double gbs = bytes / (ms * 1e-3) / 1e9;
