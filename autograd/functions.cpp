@@ -58,8 +58,6 @@ void set_gemm_fusion_enabled(bool on) { set_gemm_fusion_parts(on ? kFuseAll : 0u
 
 namespace {
 Var result(Tensor value) { return constant(std::move(value)); }
-// Views share storage, so saving `alias()` of a value costs nothing.
-Tensor saved(const Var& v) { return v->value.alias(); }
 
 // Same-shape add/sub (the residual adds of every block): d(a ± b)/da = dy and d/db = ±dy, so the
 // gradients need no kernel at all. dy is the output's gradient, which Tape::backward drops right
