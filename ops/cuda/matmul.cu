@@ -24,7 +24,6 @@
 #include <mutex>
 #include <type_traits>
 
-#include "ops/cuda/gemm_autotune.h"
 #include "ops/matmul.h"
 #include "runtime/cuda_context.h"
 
@@ -127,7 +126,7 @@ struct GemmPlan {
   }
 };
 
-using PlanKey = std::array<int64_t, 22>;
+using PlanKey = std::array<int64_t, 21>;
 
 // The buffer the GEMM writes: D when given, else C (in place).
 void* out_ptr(const GemmArgs& g) { return g.D ? g.D : g.C; }
@@ -139,7 +138,7 @@ PlanKey make_key(const GemmArgs& g) {
   return {g.trans_a, g.trans_b, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, g.stride_a, g.stride_b, g.stride_c, g.batch,
           static_cast<int64_t>(g.ab_type), static_cast<int64_t>(g.c_type), g.beta != 0.f, g.bias != nullptr,
           alignment_of(g.A), alignment_of(g.B), alignment_of(c_operand(g)), g.bias ? alignment_of(g.bias) : 0,
-          alignment_of(out_ptr(g)), gemm_autotune()};
+          alignment_of(out_ptr(g))};
 }
 
 // Plans per device. The mutex also covers the launch, because the bias pointer is an attribute of
@@ -198,7 +197,7 @@ void log_plan(const GemmArgs& g, const GemmPlan& p, const cublasLtMatmulHeuristi
 
 // Builds descriptors and asks the heuristic for one algorithm. Returns null when the heuristic has
 // none for this configuration (the caller then retries without the bias epilogue or fails).
-std::unique_ptr<GemmPlan> build_plan(const GemmArgs& g, bool bias_epilogue, CudaContext& ctx) {
+std::unique_ptr<GemmPlan> build_plan(const GemmArgs& g, bool bias_epilogue, const CudaContext& ctx) {
   auto p = std::make_unique<GemmPlan>();
   p->bias_epilogue = bias_epilogue;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));  // no TF32, fp32 scale
@@ -234,33 +233,15 @@ std::unique_ptr<GemmPlan> build_plan(const GemmArgs& g, bool bias_epilogue, Cuda
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)));
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d)));
 
-  // Autotuning (ops/cuda/gemm_autotune.h) times up to kCandidates of the heuristic's ranked list and
-  // keeps the fastest one that is bit-identical to its first choice; otherwise the first choice.
-  constexpr int kCandidates = 8;
-  const bool tune = gemm_autotune();
-  cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+  cublasLtMatmulHeuristicResult_t result{};
   int returned = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt, p->desc, p->lay_a, p->lay_b, p->lay_c, p->lay_c,
-                                                           pref, tune ? kCandidates : 1, results, &returned);
+                                                           pref, 1, &result, &returned);
   if (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && returned == 0)) return nullptr;
   CUBLAS_CHECK(st);
-  CUBLAS_CHECK(results[0].state);
-  int n = 0;  // usable candidates, in the heuristic's order (results[0] is usable: checked above)
-  for (int i = 0; i < returned; ++i)
-    if (results[i].state == CUBLAS_STATUS_SUCCESS) results[n++] = results[i];
-  int pick = 0;
-  if (tune && n > 1) {
-    const size_t elem = dtype_size(g.c_type);
-    const int64_t span = (g.batch > 1 ? (g.batch - 1) * g.stride_c : 0) + (g.M - 1) * g.ldc + g.N;
-    LtCall call{p->desc, p->lay_a, p->lay_b, p->lay_c, g.B, g.A, g.C, g.alpha, g.beta, static_cast<size_t>(span) * elem};
-    if (plan_log_enabled())
-      std::fprintf(stderr, "[omniq gemm autotune] M=%lld N=%lld K=%lld batch=%lld ta=%d tb=%d beta=%g: %d candidates\n",
-                   (long long)g.M, (long long)g.N, (long long)g.K, (long long)g.batch, g.trans_a, g.trans_b, g.beta,
-                   n);
-    pick = autotune_gemm(ctx, call, results, n, plan_log_enabled());
-  }
-  p->algo = results[pick].algo;
-  log_plan(g, *p, results[pick]);
+  CUBLAS_CHECK(result.state);
+  p->algo = result.algo;
+  log_plan(g, *p, result);
   return p;
 }
 
