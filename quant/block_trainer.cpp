@@ -51,14 +51,13 @@ bool fused_lwc_disabled() {
   return e != nullptr && std::strcmp(e, "1") == 0;
 }
 
-// Per-channel weights (group = whole row) are fused only with OMNIQ_FUSED_LWC_PER_CHANNEL=1: on the H100
-// the fused op alone is faster than the unfused ops for the 7B W3 per-channel shapes (bench_lwc_update:
-// 0.62 vs 0.78 ms per block), but the whole training step measured SLOWER with it (5.61 vs 5.36 ms),
-// for a reason not found yet (not a fallback or an extra kernel by reading the code; suspects: L2 reuse of
-// ŵ by the forward GEMM that the cache gives up, clocks under the power cap). Grouped weights gain.
+// Per-channel weights (group = whole row) are fused too unless OMNIQ_FUSED_LWC_PER_CHANNEL=0 (A/B switch).
+// History: session 6's first 7B W3 per-channel A/B measured the fused step slower (5.61 vs 5.36 ms),
+// so it was opt-in; after the register kernel took rows <= 8192 it was 5.31 vs 5.36, and session 7
+// measured 5.07 / 5.06 vs 5.17 / 5.13 ms (alternating 4-epoch runs, one H100): now the default.
 bool fused_lwc_per_channel() {
   const char* e = std::getenv("OMNIQ_FUSED_LWC_PER_CHANNEL");
-  return e != nullptr && std::strcmp(e, "1") == 0;
+  return !(e != nullptr && std::strcmp(e, "0") == 0);
 }
 
 // Turns the quantizer's fused LWC mode off when training ends (also on an exception): its caches alias

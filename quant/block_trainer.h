@@ -10,8 +10,8 @@
 //
 // On CUDA the LWC parameters of weights without LET are updated by the fused LWC step (fake-quant
 // backward + AdamW + the next step's forward in one kernel per weight, ops/fake_quant_lwc_update.h;
-// same bits as the unfused ops); OMNIQ_NO_FUSED_LWC=1 runs the unfused ops (A/B switch). Per-channel
-// configs (group size 0) keep the unfused ops unless OMNIQ_FUSED_LWC_PER_CHANNEL=1 (see block_trainer.cpp).
+// same bits as the unfused ops); OMNIQ_NO_FUSED_LWC=1 runs the unfused ops (A/B switch), and
+// OMNIQ_FUSED_LWC_PER_CHANNEL=0 only for per-channel configs (group size 0; see block_trainer.cpp).
 #pragma once
 #include <functional>
 #include <string>

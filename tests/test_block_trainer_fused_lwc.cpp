@@ -2,8 +2,8 @@
 // ops/fake_quant_lwc_update.h): training with it must give the same bits as the unfused ops
 // (OMNIQ_NO_FUSED_LWC=1): every epoch loss, the final γ/β and the final fused() weights, for a
 // weight-only group-128 config (f16 weight copies, as the calibration keeps them; CUDA graphs on) and a
-// per-channel W3 config (bf16 weights; eager steps; fused only with OMNIQ_FUSED_LWC_PER_CHANNEL=1), and
-// W4A4 with LET (per-channel, so with OMNIQ_FUSED_LWC_PER_CHANNEL=1), where only down_proj is fused
+// per-channel W3 config (bf16 weights; eager steps; fused unless OMNIQ_FUSED_LWC_PER_CHANNEL=0), and
+// W4A4 with LET (per-channel), where only down_proj is fused
 // (losses of two consecutive blocks). Also: the ŵ caches are recomputed from restored γ, β (what the
 // trainer does after a NaN retry's restore), and a persistent NaN is reported with finite parameters
 // in the fused mode. Skipped without a GPU.
@@ -117,16 +117,20 @@ TEST(BlockTrainerFusedLwcCuda, WeightOnlyGroup128EqualsUnfused) {
   EXPECT_GT(fused.r.graph_steps, 0) << "the fused step should run under CUDA-graph replay here";
 }
 
-// Per-channel weights are fused only on request (OMNIQ_FUSED_LWC_PER_CHANNEL=1, block_trainer.cpp).
+// Per-channel weights are fused by default; OMNIQ_FUSED_LWC_PER_CHANNEL=0 keeps them unfused
+// (block_trainer.cpp). Same bits either way.
 TEST(BlockTrainerFusedLwcCuda, WeightOnlyPerChannelEqualsUnfusedEager) {
   OMNIQ_REQUIRE_CUDA();
   ScopedEnv eager("OMNIQ_NO_CUDA_GRAPH", "1");
   const ModelConfig cfg = model_shape("tiny");
   const QuantConfig qc = weight_only(3, 0);
   const Outcome ref = train(cfg, qc, false, false);
-  expect_same(train(cfg, qc, true, false), ref, 0);  // the default: per-channel stays unfused
-  ScopedEnv per_channel("OMNIQ_FUSED_LWC_PER_CHANNEL", "1");
-  expect_same(train(cfg, qc, true, false), ref, 7);
+  {
+    ScopedEnv per_channel("OMNIQ_FUSED_LWC_PER_CHANNEL", nullptr);
+    expect_same(train(cfg, qc, true, false), ref, 7);  // the default: per-channel weights fused
+  }
+  ScopedEnv per_channel("OMNIQ_FUSED_LWC_PER_CHANNEL", "0");
+  expect_same(train(cfg, qc, true, false), ref, 0);
 }
 
 // W4A4 with LET and the aug loss (LLaMA): q/k/v/o/gate/up keep the LET op, down_proj is fused.

@@ -405,6 +405,31 @@ TEST(FlashAttentionCuda, DeterministicBackwardIsBitwiseReproducible) {
   }
 }
 
+// Many back-to-back deterministic backwards at the LLaMA-2-7B (MHA) and 70B (GQA, split dK/dV)
+// shapes must all give the first run's bits: the ordered hand-offs (a CTA-wide release by thread 0
+// after a barrier) leave no window for a successor to read a partial sum, whatever the timing.
+TEST(FlashAttentionCuda, DeterministicBackwardStress) {
+  OMNIQ_REQUIRE_CUDA();
+  const Case cases[] = {{1, 2048, 32, 32, 128, true, DType::bf16, 0.f}, {1, 2048, 64, 8, 128, true, DType::bf16, 0.f}};
+  const Device gpu = Device::cuda();
+  uint64_t seed = 9500;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(testing::Message() << c);
+    const Inputs in = make_inputs(c, seed += 10);
+    const Tensor q = in.q.to(gpu), k = in.k.to(gpu), v = in.v.to(gpu), dout = in.dout.to(gpu);
+    Tensor lse;
+    const Tensor out = attention_forward(q, k, v, c.sc(), c.causal, &lse);
+    const Tensor delta = delta_of(out.to(Device::cpu()), in.dout, c);
+    const AttentionGrads first = cuda::flash_attention_backward(dout, q, k, v, delta, lse, c.sc(), c.causal, 0, true);
+    int bad = 0;
+    for (int rep = 0; rep < 60; ++rep) {
+      const AttentionGrads g = cuda::flash_attention_backward(dout, q, k, v, delta, lse, c.sc(), c.causal, 0, true);
+      bad += !same_bits(g.dq, first.dq) || !same_bits(g.dk, first.dk) || !same_bits(g.dv, first.dv);
+    }
+    EXPECT_EQ(bad, 0) << bad << " of 60 repeats differ from the first run";
+  }
+}
+
 // The process-wide mode reaches the dispatching attention_backward (which computes delta itself):
 // deterministic, it repeats bit for bit, with dirty pool memory in between; atomic, it agrees up to
 // summation order. (Both match the CPU in the tests above.)

@@ -245,6 +245,60 @@ TEST(FlashAttentionCuda, BackwardVariantSwitchReachesKernels) {
   }
   cuda::set_flash_backward_variant(saved);
 }
+// Variant 2's query chunks (1 or 2 per 64-query tile) add the same products in the same order:
+// identical bits in both modes' deterministic path, on the shapes around the key tile (edge, dead and
+// diagonal chunks), MHA and GQA with splits, D 64 and 128, causal and full. Atomic mode only to
+// tolerance (its fp32 adds race).
+TEST(FlashAttentionCuda, BackwardQueryChunksGiveSameBits) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  const int saved = cuda::flash_backward_query_chunks();
+  uint64_t seed = 14000;
+  int n = 0;
+  for (int64_t T : {64, 100, 129, 192, 320, 1000})
+    for (bool causal : {true, false}) {
+      ++n;
+      const VCase c{n % 3 ? int64_t{1} : int64_t{2}, T, 8, n % 2 ? int64_t{2} : int64_t{8}, n % 4 < 2 ? 128 : 64,
+                    causal, n % 3 ? DType::bf16 : DType::f16};
+      SCOPED_TRACE(testing::Message() << c);
+      const float scale = 1.f / std::sqrt(static_cast<float>(c.D));
+      const Tensor doh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed += 10, c.dt);
+      const Tensor q = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed + 1, c.dt).to(gpu);
+      const Tensor k = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 2, c.dt).to(gpu);
+      const Tensor v = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 3, c.dt).to(gpu);
+      const Tensor dout = doh.to(gpu);
+      Tensor lse;
+      const Tensor out = attention_forward(q, k, v, scale, causal, &lse);
+      const Tensor delta = delta_of(out.to(Device::cpu()), doh, c);
+      cuda::set_flash_backward_query_chunks(1);
+      const AttentionGrads ref = cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, 0, true);
+      const AttentionGrads ref_atomic =
+          cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, 0, false);
+      for (int chunks : {2}) {
+        SCOPED_TRACE(testing::Message() << chunks << " chunks");
+        cuda::set_flash_backward_query_chunks(chunks);
+        const AttentionGrads g = cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, 0, true);
+        EXPECT_TRUE(same_bits(g.dq, ref.dq)) << "dq";
+        EXPECT_TRUE(same_bits(g.dk, ref.dk)) << "dk";
+        EXPECT_TRUE(same_bits(g.dv, ref.dv)) << "dv";
+        const AttentionGrads a = cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, 0, false);
+        EXPECT_TRUE(close_scaled(a.dq, ref_atomic.dq, 1e-2f)) << "atomic dq";
+        EXPECT_TRUE(close_scaled(a.dk, ref_atomic.dk, 1e-2f)) << "atomic dk";
+      }
+    }
+  cuda::set_flash_backward_query_chunks(saved);
+}
+
+// The chunk setting: explicit set wins, bad values rejected (no GPU needed).
+TEST(FlashAttentionDispatch, BackwardQueryChunksSwitch) {
+  const int saved = cuda::flash_backward_query_chunks();
+  for (int c : {1, 2}) {
+    cuda::set_flash_backward_query_chunks(c);
+    EXPECT_EQ(cuda::flash_backward_query_chunks(), c);
+  }
+  EXPECT_THROW(cuda::set_flash_backward_query_chunks(4), Error);
+  cuda::set_flash_backward_query_chunks(saved);
+}
 #endif
 
 }  // namespace

@@ -54,6 +54,11 @@ int flash_attention_kv_splits_v2(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, 
 // set_flash_backward_variant (1 or 2) wins over the environment. For A/B timing and for tests.
 void set_flash_backward_variant(int variant);
 int flash_backward_variant();
+// Variant 2 computes a 64-query tile's Sᵀ/dPᵀ in 1 or 2 query chunks (same bits; 2, the default, holds
+// half the registers live). Process-wide; OMNIQ_FLASH_BWD_QCHUNKS=1 (read at the first query), the setter
+// wins. For A/B timing and for tests.
+void set_flash_backward_query_chunks(int chunks);
+int flash_backward_query_chunks();
 AttentionGrads flash_attention_backward_v1(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                            const Tensor& delta, const Tensor& lse, float scale, bool causal,
                                            int kv_splits, bool deterministic);

@@ -24,16 +24,25 @@
 // 5. Two barriers per query tile instead of three: dSᵀ is double-buffered (the next tile's dSᵀ
 //    goes to the other buffer while slow warps may still read this one), the Q/dO buffer of a tile
 //    is free once every warp passed the dSᵀ barrier (its last reads, dV/dK, come before it), and
-//    the ordered hand-off of a tile happens right after the next tile's first barrier (every
-//    thread fenced its adds before it), not behind a barrier of its own.
+//    the ordered hand-off of a tile happens right after the next tile's first barrier, not behind a
+//    barrier of its own: thread 0 fences and increments (CUTLASS's GenericBarrier::arrive_inc; the
+//    barrier orders every thread's adds before thread 0's gpu-scope fence). Until session 6 every
+//    thread also fenced its own adds (OMNIQ_FLASH_BWD_THREAD_FENCES=1): 6% of the stall samples,
+//    0.703 -> 0.680 ms at the 7B shape without them (and an extra barrier to hand on earlier: 0.700).
 // 6. lse/δ rows come in by cp.async with the tiles (v1 loaded them synchronously, stalling 2 warps
 //    on a global load round trip per tile); padding queries are masked explicitly.
-// 7. Warps whose 16 keys are all masked for a query tile (causal: keys after the tile's last
+// 7. Warps whose 16 keys are all masked for a query chunk (causal: keys after the chunk's last
 //    query, on the diagonal tiles; or keys past the end) skip their Sᵀ/dPᵀ/dK/dV products and
 //    write zeros as their dSᵀ rows.
+// 8. A tile's 64 queries are processed in 2 chunks of 32 (template QC; OMNIQ_FLASH_BWD_QCHUNKS=1 for
+//    one chunk): fewer registers live in the Sᵀ/dPᵀ phase, same bits.
 // Deadlock freedom: as in v1, a CTA only waits for CTAs of smaller linear block id (dQ: same x, z,
 // smaller key tile y; split dK/dV: same y, z, smaller split x), and delaying a hand-off to the next
 // barrier adds no wait on any other CTA.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 #include "ops/cuda/flash_attention.h"
 #include "ops/cuda/flash_attention_common.cuh"
 #include "runtime/cuda_context.h"
@@ -53,14 +62,14 @@ constexpr int kThreads2 = 256;  // 8 warps x 16 keys
 // grid (Hkv·splits, ceil(T/128), B); arguments as in variant 1's flash_bwd_kernel, plus dq: the
 // ordered mode's last contributor writes dQ there directly (dq_acc is then the running fp32 sum,
 // written first by key tile 0, no zeroing needed); atomic mode adds into a zeroed dq_acc.
-template <typename E, int D, bool kCausal>
+template <typename E, int D, bool kCausal, int QC>
 __global__ void __launch_bounds__(kThreads2, 1)
     flash_bwd_v2_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
                         const E* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                         float* __restrict__ dq_acc, E* __restrict__ dq, E* __restrict__ dk, E* __restrict__ dv,
                         float* __restrict__ dk32, float* __restrict__ dv32, int* __restrict__ dq_ctr,
                         int* __restrict__ kv_ctr, int seq, int Hq, int Hkv, int splits, float scale,
-                        float scale_log2) {
+                        float scale_log2, bool thread_fences) {
   constexpr int LD = D + 8, QTILE = kTile * LD, KTILE = kKeys * LD, KS = D / 16;
   constexpr int LDS = kTile + 8, DSTILE = kKeys * LDS;
   constexpr int kDW = D / 4, kNT = kDW / 8;  // dQ: D columns and 8-wide n-tiles per warp
@@ -132,7 +141,7 @@ __global__ void __launch_bounds__(kThreads2, 1)
     cp_async_wait<1>();
     __syncthreads();  // (a) tile `it` visible; every thread fenced the previous tile's dQ adds
     if (pending != nullptr) {
-      if (threadIdx.x == 0) release_increment(pending);
+      if (threadIdx.x == 0) cta_release_increment(pending, thread_fences);
       pending = nullptr;
     }
     const int buf = it & 1;
@@ -145,78 +154,87 @@ __global__ void __launch_bounds__(kThreads2, 1)
     const float* cD = sDelta + buf * kTile;
     E* cdS = sdS + buf * DSTILE;
 
-    // Warp-uniform: all 16 keys masked for all 64 queries (P = dS = 0, nothing to add).
-    const bool dead = key_w >= seq || (kCausal && key_w > m0 + kTile - 1);
-    if (!dead) {
-      // Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ: 16 keys x 64 queries each.
-      float st[8][4], dpt[8][4];
+    // The 64 queries of the tile in QC chunks of QW (QC = 2, the default: Sᵀ/dPᵀ of 16 keys x 32
+    // queries live at a time, 32 instead of 64 registers; the products add in the same order either
+    // way, so the bits do not depend on QC). H100, 7B shape: 0.664 ms (QC 2) vs 0.678 (QC 1) vs 0.687
+    // (QC 4, not kept); the training step did not move (5.14 ms/step each).
+    constexpr int QW = kTile / QC, NT = QW / 8, NP = QW / 16;
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+    for (int c = 0; c < QC; ++c) {
+      const int q0 = c * QW;  // the chunk's first query in the tile
+      // Warp-uniform: all 16 keys masked for all QW queries (P = dS = 0, nothing to add).
+      const bool dead = key_w >= seq || (kCausal && key_w > m0 + q0 + QW - 1);
+      if (!dead) {
+        // Sᵀ = K_w·Qᵀ and dPᵀ = V_w·dOᵀ: 16 keys x QW queries each.
+        float st[NT][4], dpt[NT][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+        for (int i = 0; i < NT; ++i)
 #pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        uint32_t ak[4], av[4];
-        ldsm_x4(ak, sK + a_off(lane, warp * 16, kk * 16, LD));
-        ldsm_x4(av, sV + a_off(lane, warp * 16, kk * 16, LD));
+          for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
 #pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t bq[4], bo[4];
-          ldsm_x4(bq, cQ + b_off(lane, np * 16, kk * 16, LD));
-          ldsm_x4(bo, cdO + b_off(lane, np * 16, kk * 16, LD));
-          mma16816<E>(st[2 * np], ak, bq[0], bq[1]);
-          mma16816<E>(st[2 * np + 1], ak, bq[2], bq[3]);
-          mma16816<E>(dpt[2 * np], av, bo[0], bo[1]);
-          mma16816<E>(dpt[2 * np + 1], av, bo[2], bo[3]);
+        for (int kk = 0; kk < KS; ++kk) {
+          uint32_t ak[4], av[4];
+          ldsm_x4(ak, sK + a_off(lane, warp * 16, kk * 16, LD));
+          ldsm_x4(av, sV + a_off(lane, warp * 16, kk * 16, LD));
+#pragma unroll
+          for (int np = 0; np < NP; ++np) {
+            uint32_t bq[4], bo[4];
+            ldsm_x4(bq, cQ + b_off(lane, q0 + np * 16, kk * 16, LD));
+            ldsm_x4(bo, cdO + b_off(lane, q0 + np * 16, kk * 16, LD));
+            mma16816<E>(st[2 * np], ak, bq[0], bq[1]);
+            mma16816<E>(st[2 * np + 1], ak, bq[2], bq[3]);
+            mma16816<E>(dpt[2 * np], av, bo[0], bo[1]);
+            mma16816<E>(dpt[2 * np + 1], av, bo[2], bo[3]);
+          }
         }
+        // Pᵀ = exp(scale·Sᵀ − lse), dSᵀ = Pᵀ ⊙ (dPᵀ − δ); masked: keys past the end, queries past the
+        // end (their zero-filled lse would give P = 1) and, causal, keys after the query.
+        const bool edge = key_w + 16 > seq || m0 + q0 + QW > seq || (kCausal && key_w + 15 > m0 + q0);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int qi = q0 + nt * 8 + 2 * tq + (e & 1);
+            const int key = key0 + (e >> 1) * 8;
+            float p = exp2f(fmaf(st[nt][e], scale_log2, cL[qi] * scale_lse));
+            if (edge && (key >= seq || m0 + qi >= seq || (kCausal && key > m0 + qi))) p = 0.f;
+            st[nt][e] = p;
+            dpt[nt][e] = p * (dpt[nt][e] - cD[qi]);
+          }
+        // dV += Pᵀ·dO and dK += dSᵀ·Q (k = the chunk's queries; dO and Q rows are k, hence .trans).
+#pragma unroll
+        for (int kk = 0; kk < NP; ++kk) {
+          const uint32_t ap[4] = {pack2<E>(st[2 * kk][0], st[2 * kk][1]), pack2<E>(st[2 * kk][2], st[2 * kk][3]),
+                                  pack2<E>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                  pack2<E>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+          const uint32_t as[4] = {pack2<E>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<E>(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                  pack2<E>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                  pack2<E>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+          for (int dp = 0; dp < D / 16; ++dp) {
+            uint32_t bo[4], bq[4];
+            ldsm_x4_trans(bo, cdO + a_off(lane, q0 + kk * 16, dp * 16, LD));
+            ldsm_x4_trans(bq, cQ + a_off(lane, q0 + kk * 16, dp * 16, LD));
+            mma16816<E>(dv_acc[2 * dp], ap, bo[0], bo[1]);
+            mma16816<E>(dv_acc[2 * dp + 1], ap, bo[2], bo[3]);
+            mma16816<E>(dk_acc[2 * dp], as, bq[0], bq[1]);
+            mma16816<E>(dk_acc[2 * dp + 1], as, bq[2], bq[3]);
+          }
+        }
+        // dSᵀ to shared: dQ needs all 128 keys of every query row, spread over the 8 warps.
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<uint32_t*>(cdS + (warp * 16 + gr + 8 * r) * LDS + q0 + nt * 8 + 2 * tq) =
+                pack2<E>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            *reinterpret_cast<uint32_t*>(cdS + (warp * 16 + gr + 8 * r) * LDS + q0 + nt * 8 + 2 * tq) = 0u;
       }
-      // Pᵀ = exp(scale·Sᵀ − lse), dSᵀ = Pᵀ ⊙ (dPᵀ − δ); masked: keys past the end, queries past the
-      // end (their zero-filled lse would give P = 1) and, causal, keys after the query.
-      const bool edge = key_w + 16 > seq || m0 + kTile > seq || (kCausal && key_w + 15 > m0);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = nt * 8 + 2 * tq + (e & 1);
-          const int key = key0 + (e >> 1) * 8;
-          float p = exp2f(fmaf(st[nt][e], scale_log2, cL[qi] * scale_lse));
-          if (edge && (key >= seq || m0 + qi >= seq || (kCausal && key > m0 + qi))) p = 0.f;
-          st[nt][e] = p;
-          dpt[nt][e] = p * (dpt[nt][e] - cD[qi]);
-        }
-      // dV += Pᵀ·dO and dK += dSᵀ·Q (k = the 64 queries; dO and Q rows are k, hence .trans).
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t ap[4] = {pack2<E>(st[2 * kk][0], st[2 * kk][1]), pack2<E>(st[2 * kk][2], st[2 * kk][3]),
-                                pack2<E>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                pack2<E>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-        const uint32_t as[4] = {pack2<E>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<E>(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                pack2<E>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                pack2<E>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t bo[4], bq[4];
-          ldsm_x4_trans(bo, cdO + a_off(lane, kk * 16, dp * 16, LD));
-          ldsm_x4_trans(bq, cQ + a_off(lane, kk * 16, dp * 16, LD));
-          mma16816<E>(dv_acc[2 * dp], ap, bo[0], bo[1]);
-          mma16816<E>(dv_acc[2 * dp + 1], ap, bo[2], bo[3]);
-          mma16816<E>(dk_acc[2 * dp], as, bq[0], bq[1]);
-          mma16816<E>(dk_acc[2 * dp + 1], as, bq[2], bq[3]);
-        }
-      }
-      // dSᵀ to shared: dQ needs all 128 keys of every query row, spread over the 8 warps.
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<uint32_t*>(cdS + (warp * 16 + gr + 8 * r) * LDS + nt * 8 + 2 * tq) =
-              pack2<E>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<uint32_t*>(cdS + (warp * 16 + gr + 8 * r) * LDS + nt * 8 + 2 * tq) = 0u;
     }
 
     // Ordered mode: key tiles add to query tile (h, mt) in ascending kt; kt = 0 goes first and
@@ -287,13 +305,17 @@ __global__ void __launch_bounds__(kThreads2, 1)
         }
       }
     if (ordered && !last) {
-      fence_acq_rel_gpu();  // this thread's part is in L2 before thread 0 hands the turn on
-      pending = turn;
+      // Who makes this thread's adds visible before thread 0 hands the turn on: by default thread 0's
+      // fence after the next barrier (see cta_release_increment); OMNIQ_FLASH_BWD_THREAD_FENCES=1 also
+      // fences in every thread (the previous scheme: 6% of the stall samples were these fences).
+      if (thread_fences) fence_acq_rel_gpu();
+      pending = turn;  // handed on after the next barrier (a); an extra barrier to hand on here measured
+                       // slower (7B: 0.700 vs 0.673 ms)
     }
   }
   if (pending != nullptr) {
     __syncthreads();
-    if (threadIdx.x == 0) release_increment(pending);
+    if (threadIdx.x == 0) cta_release_increment(pending, thread_fences);
   }
 
   // Ordered split dK/dV: the splits of one (b, kv head, key tile) add in ascending split order.
@@ -320,7 +342,14 @@ __global__ void __launch_bounds__(kThreads2, 1)
       }
     }
   }
-  if (kv_turn != nullptr && split + 1 < splits) pass_turn(kv_turn);
+  if (kv_turn != nullptr && split + 1 < splits) {
+    if (thread_fences) {
+      pass_turn(kv_turn);
+    } else {
+      __syncthreads();
+      if (threadIdx.x == 0) cta_release_increment(kv_turn, false);
+    }
+  }
 }
 
 // out[i] = scale · in[i] in E (the atomic mode's dQ scratch, and split dK/dV, to q's dtype).
@@ -329,6 +358,18 @@ __global__ void scale_convert_v2_kernel(const float* __restrict__ in, E* __restr
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = from_float<E>(scale * in[i]);
+}
+
+std::atomic<int> g_query_chunks{0};  // 0: not decided yet (the environment is read at the first query)
+
+// OMNIQ_FLASH_BWD_THREAD_FENCES=1 (read once): every thread fences its dQ / dK / dV adds before the
+// hand-off, as up to session 6 (A/B switch; same bits either way).
+bool flash_bwd_thread_fences() {
+  static const bool on = [] {
+    const char* e = std::getenv("OMNIQ_FLASH_BWD_THREAD_FENCES");
+    return e != nullptr && e[0] == '1';
+  }();
+  return on;
 }
 
 constexpr size_t bwd_v2_smem_bytes(int D, size_t elem) {
@@ -348,6 +389,22 @@ int flash_attention_kv_splits_v2(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, 
   for (int64_t s = 1; s < G; ++s)
     if (G % s == 0 && ctas * s >= 3 * static_cast<int64_t>(sms)) return static_cast<int>(s);
   return static_cast<int>(G);
+}
+
+void set_flash_backward_query_chunks(int chunks) {
+  OMNIQ_CHECK(chunks == 1 || chunks == 2, "set_flash_backward_query_chunks: %d is not 1 or 2", chunks);
+  g_query_chunks.store(chunks);
+}
+
+int flash_backward_query_chunks() {
+  int v = g_query_chunks.load();
+  if (v == 0) {
+    const char* env = std::getenv("OMNIQ_FLASH_BWD_QCHUNKS");
+    const int from_env = env != nullptr && std::strcmp(env, "1") == 0 ? 1 : 2;
+    g_query_chunks.compare_exchange_strong(v, from_env);  // loses only to a concurrent explicit set
+    v = g_query_chunks.load();
+  }
+  return v;
 }
 
 AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -394,14 +451,20 @@ AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, 
     constexpr int kD = decltype(d)::value;
     constexpr bool kC = decltype(c)::value;
     const size_t smem = bwd_v2_smem_bytes(kD, sizeof(E));
-    CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_v2_kernel<E, kD, kC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
-    flash_bwd_v2_kernel<E, kD, kC><<<grid, kThreads2, smem, stream>>>(
-        q.data_as<E>(), k.data_as<E>(), v.data_as<E>(), dout.data_as<E>(), lse.data_as<float>(),
-        delta.data_as<float>(), dq_f32, g.dq.data_as<E>(), g.dk.data_as<E>(), g.dv.data_as<E>(),
-        splits > 1 ? dk32.data_as<float>() : nullptr, splits > 1 ? dv32.data_as<float>() : nullptr, dq_ctr, kv_ctr,
-        static_cast<int>(T), static_cast<int>(Hq), static_cast<int>(Hkv), splits, scale, scale * kLog2e);
-    CUDA_CHECK_LAUNCH();
+    auto launch = [&](auto kernel) {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel<<<grid, kThreads2, smem, stream>>>(
+          q.data_as<E>(), k.data_as<E>(), v.data_as<E>(), dout.data_as<E>(), lse.data_as<float>(),
+          delta.data_as<float>(), dq_f32, g.dq.data_as<E>(), g.dk.data_as<E>(), g.dv.data_as<E>(),
+          splits > 1 ? dk32.data_as<float>() : nullptr, splits > 1 ? dv32.data_as<float>() : nullptr, dq_ctr, kv_ctr,
+          static_cast<int>(T), static_cast<int>(Hq), static_cast<int>(Hkv), splits, scale, scale * kLog2e,
+          flash_bwd_thread_fences());
+      CUDA_CHECK_LAUNCH();
+    };
+    if (flash_backward_query_chunks() == 1)
+      launch(flash_bwd_v2_kernel<E, kD, kC, 1>);
+    else
+      launch(flash_bwd_v2_kernel<E, kD, kC, 2>);
     if (!deterministic) {
       const int64_t n = q.numel();
       scale_convert_v2_kernel<E><<<grid_for(n, 256), 256, 0, stream>>>(dq_f32, g.dq.data_as<E>(), n, scale);

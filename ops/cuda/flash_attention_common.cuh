@@ -202,6 +202,17 @@ __device__ __forceinline__ void release_increment(int* ctr) {
   asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(ctr) : "memory");
 }
 
+// Thread 0 hands the turn on for the whole CTA, after a __syncthreads() that follows every thread's
+// adds: the CTA-wide release of CUTLASS's GenericBarrier::arrive_inc (and FlashAttention-3's
+// deterministic backward). The barrier orders the other threads' adds before thread 0's fence, and a
+// gpu-scope fence is cumulative over what precedes it in causality order, so a successor that
+// acquires the counter sees every add. `fenced`: the threads already fenced their own adds (then the
+// release increment alone suffices).
+__device__ __forceinline__ void cta_release_increment(int* ctr, bool fenced) {
+  if (!fenced) fence_acq_rel_gpu();
+  release_increment(ctr);
+}
+
 // Every thread's adds are made visible GPU-wide (its own fence: they drain to L2) before thread 0
 // hands the turn on with a release increment (cumulative over the CTA through the barrier; the
 // per-thread fences make that independent of barrier cumulativity).
