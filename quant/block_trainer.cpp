@@ -210,6 +210,7 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
       }
       // One host read per epoch.
       std::vector<float> l = losses.to_f32_vector();
+      if (data.poison_loss && n > 0 && data.poison_loss(epoch, attempt)) l[0] = std::nanf("");
       int64_t bad = -1;
       double sum = 0;
       for (int64_t j = 0; j < n; ++j) {

@@ -35,6 +35,9 @@ struct BlockTrainingData {
   const Tensor* q_inps = nullptr;    // [N, T, C] inputs from the quantized model so far
   const Tensor* fp_outs = nullptr;   // [N, T, C] full-precision block outputs (targets)
   const Tensor* aug_outs = nullptr;  // [N, T, C] block_fp(q_inps) when aug_loss, else null
+  // Fault injection for tests: when set and true for (epoch, attempt), that attempt's first sample
+  // loss is taken as non-finite, so the restore / halved-rate retry path runs on real parameters.
+  std::function<bool(int epoch, int attempt)> poison_loss = nullptr;
 };
 
 // `params`: the block's parameters (original weights, f32 Linear weights) as Vars.

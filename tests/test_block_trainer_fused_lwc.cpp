@@ -67,8 +67,9 @@ struct Outcome {
   std::map<std::string, std::vector<float>> fused;  // final fused() block
 };
 
-// One block trained on random data; f16_weights: the Linear weights as f16 copies.
-Outcome train(const ModelConfig& cfg, const QuantConfig& qc, bool fused, bool f16_weights) {
+// One block trained on random data; f16_weights: the Linear weights as f16 copies; poison: epoch 1's
+// first attempt reports a non-finite loss (a recoverable NaN: restore, halved rates, retry).
+Outcome train(const ModelConfig& cfg, const QuantConfig& qc, bool fused, bool f16_weights, bool poison = false) {
   ScopedEnv sw("OMNIQ_NO_FUSED_LWC", fused ? nullptr : "1");
   BlockWeights w32, wc;
   random_block_weights(cfg, 0, 1, Device::cuda(), DType::bf16, w32, wc);
@@ -82,7 +83,9 @@ Outcome train(const ModelConfig& cfg, const QuantConfig& qc, bool fused, bool f1
   Tensor fp_outs = Tensor::uniform({N, T, cfg.hidden_size}, -1, 1, 4, DType::bf16, Device::cuda());
   BlockQuantizer bq(cfg, qc, wc, nullptr, DType::bf16);
   Outcome o;
-  o.r = train_block(cfg, qc, block_params(wc), bq, BlockTrainingData{&q_inps, &fp_outs, nullptr}, 0);
+  BlockTrainingData data{&q_inps, &fp_outs, nullptr};
+  if (poison) data.poison_loss = [](int epoch, int attempt) { return epoch == 1 && attempt == 0; };
+  o.r = train_block(cfg, qc, block_params(wc), bq, data, 0);
   EXPECT_FALSE(bq.fused_lwc_enabled()) << "train_block must turn the fused mode off when it returns";
   for (const ag::Var& p : bq.lwc_params()) o.lwc[p->name] = p->value.to(Device::cpu()).to_f32_vector();
   BlockWeights f = bq.fused(wc, DType::bf16);
@@ -115,6 +118,22 @@ TEST(BlockTrainerFusedLwcCuda, WeightOnlyGroup128EqualsUnfused) {
   const Outcome ref = train(cfg, qc, false, true), fused = train(cfg, qc, true, true);
   expect_same(fused, ref, 7);
   EXPECT_GT(fused.r.graph_steps, 0) << "the fused step should run under CUDA-graph replay here";
+}
+
+// A recoverable NaN in the fused mode under CUDA graphs: the restore refreshes the ŵ caches the
+// captured step reads, so the retried epoch (halved rates) gives the unfused run's bits.
+TEST(BlockTrainerFusedLwcCuda, RecoverableNanRetryEqualsUnfused) {
+  OMNIQ_REQUIRE_CUDA();
+  ScopedEnv graphs("OMNIQ_NO_CUDA_GRAPH", nullptr);
+  const ModelConfig cfg = wide_tiny();
+  const QuantConfig qc = weight_only(4, 128);
+  const Outcome ref = train(cfg, qc, false, true, true), fused = train(cfg, qc, true, true, true);
+  EXPECT_EQ(ref.r.nan_retries, 1);
+  EXPECT_EQ(fused.r.nan_retries, 1);
+  expect_same(fused, ref, 7);
+  EXPECT_GT(fused.r.graph_steps, 0);
+  const Outcome clean = train(cfg, qc, true, true, false);
+  EXPECT_NE(clean.r.epoch_loss.back(), fused.r.epoch_loss.back()) << "the retry should run at halved rates";
 }
 
 // Per-channel weights are fused by default; OMNIQ_FUSED_LWC_PER_CHANNEL=0 keeps them unfused

@@ -169,6 +169,52 @@ TEST(BlockTrainer, PersistentNanLossIsReportedAndParametersStayFinite) {
     for (float v : p->value.to_f32_vector()) ASSERT_TRUE(std::isfinite(v)) << p->name;
 }
 
+// A recoverable non-finite loss (injected at epoch 1's first attempt): the epoch is restored, the
+// learning rates halve, the retry succeeds; the run ends with every epoch's loss, one retry and a
+// warning, and differs from an undisturbed run only from epoch 1 on (the halved rates).
+TEST(BlockTrainer, RecoverableNanLossRestoresAndRetries) {
+  ModelCheckpoint ck(nano("llama"));
+  const ModelConfig& cfg = ck.config();
+  Tensor x = block_input(ck, 16);
+  Tensor q_inps = Tensor::empty({3, 16, cfg.hidden_size}, DType::f32);
+  for (int j = 0; j < 3; ++j) q_inps.view_rows(j, 1).copy_from(x);
+  Tensor fp_outs = q_inps.clone();
+  fp_outs.data_as<float>()[7] += 0.5f;  // a target the block does not already meet
+  QuantConfig qc;
+  qc.wbits = 3;
+  qc.epochs = 3;
+  qc.max_nan_retries = 1;
+  auto run = [&](bool poison, std::vector<std::vector<float>>* lwc) {
+    BlockWeights w = ck.load_block(0, DType::f32, Device::cpu());
+    BlockQuantizer bq(cfg, qc, w, nullptr, DType::f32);
+    BlockTrainingData data{&q_inps, &fp_outs, nullptr};
+    int calls = 0;
+    if (poison)
+      data.poison_loss = [&](int epoch, int attempt) {
+        ++calls;
+        return epoch == 1 && attempt == 0;
+      };
+    BlockTrainingResult r = train_block(cfg, qc, block_params(w), bq, data, 0);
+    if (poison) EXPECT_EQ(calls, 4) << "one query per attempt: epochs 0, 1 (twice), 2";
+    for (ag::Var& p : bq.lwc_params()) lwc->push_back(p->value.to_f32_vector());
+    return r;
+  };
+  std::vector<std::vector<float>> clean_lwc, retried_lwc;
+  const BlockTrainingResult clean = run(false, &clean_lwc), retried = run(true, &retried_lwc);
+  EXPECT_EQ(clean.nan_retries, 0);
+  EXPECT_EQ(retried.nan_retries, 1);
+  ASSERT_EQ(retried.warnings.size(), 1u);
+  EXPECT_NE(retried.warnings[0].find("retrying"), std::string::npos) << retried.warnings[0];
+  ASSERT_EQ(retried.epoch_loss.size(), 3u);
+  ASSERT_EQ(clean.epoch_loss.size(), 3u);
+  EXPECT_EQ(retried.epoch_loss[0], clean.epoch_loss[0]) << "epoch 0 ran before the injection";
+  EXPECT_NE(retried.epoch_loss[2], clean.epoch_loss[2]) << "the retry should run at halved rates";
+  for (double l : retried.epoch_loss) EXPECT_TRUE(std::isfinite(l));
+  ASSERT_EQ(retried_lwc.size(), clean_lwc.size());
+  for (const auto& v : retried_lwc)
+    for (float f : v) ASSERT_TRUE(std::isfinite(f));
+}
+
 // The CI-sized OmniQuant run (issue 4): 16 samples x 256 tokens, 2 epochs, on the CPU.
 TEST(OmniQuantCpu, NanoLlamaLossDecreasesAndBeatsRtn) {
   std::string tmp = testing::TempDir() + "/omniq_quant_test";
