@@ -2,6 +2,7 @@
 // read back with the HDF5 C API, sweep summaries, skipping of finished points, a failed point that
 // does not stop the sweep, and a run killed with SIGKILL mid-calibration that resumes to the
 // bit-identical result of an uninterrupted run.
+#include <filesystem>
 #include <gtest/gtest.h>
 #include <hdf5.h>
 #include <signal.h>
@@ -51,7 +52,10 @@ struct TempRun {
     spit(dir + "/eval.txt", slurp(source_path("data/text/wikitext2-raw/wiki.test.raw")).substr(0, 6000));
   }
   ~TempRun() {
-    if (!std::getenv("OMNIQ_KEEP_TEST_DIRS")) std::system(("rm -rf '" + dir + "'").c_str());
+    if (!std::getenv("OMNIQ_KEEP_TEST_DIRS")) {
+      std::error_code ec;  // best effort: a leftover temp dir is not a test failure
+      std::filesystem::remove_all(dir, ec);
+    }
   }
   // The base config (YAML) of every test: 4 windows x 64 tokens, eval on eval.txt with seqlen 64.
   std::string base(const std::string& name, const std::string& out, int epochs, const std::string& method = "omniquant") const {

@@ -1,6 +1,7 @@
 // The paper-table sweep: `models:` (one file, several models, ${VAR} paths), a run's own `sweep:`,
 // per-model values, experiments/configs/paper_tables.yaml itself, --only selection, the FP16
 // baseline, and table.md rendered from tiny real runs of llama-nano on the CPU.
+#include <filesystem>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -281,7 +282,10 @@ TEST(SweepOnly, FillsThePaperTableOverSeveralInvocations) {
     EXPECT_EQ(slurp(sweep_dir + "/table.md"), table);
     EXPECT_NE(slurp(dir + "/cli.txt").find("| RTN | " + rtn), std::string::npos) << slurp(dir + "/cli.txt");
   }
-  if (!std::getenv("OMNIQ_KEEP_TEST_DIRS")) std::system(("rm -rf '" + dir + "'").c_str());
+  if (!std::getenv("OMNIQ_KEEP_TEST_DIRS")) {
+    std::error_code ec;  // best effort: a leftover temp dir is not a test failure
+    std::filesystem::remove_all(dir, ec);
+  }
 }
 
 }  // namespace
