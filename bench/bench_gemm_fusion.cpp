@@ -1,7 +1,7 @@
 // A/B micro-benchmark of the GEMM / epilogue fusions (autograd/functions.h, kFuse*) at LLaMA-7B
 // training shapes, bf16 on CUDA: each fused op next to the unfused pair it replaces.
 //
-//   bench_gemm_fusion [--tokens T] [--hidden C] [--mlp F] [--reps N] [--warmup N]
+//   bench_gemm_fusion [--tokens T] [--hidden C] [--mlp F] [--reps N] [--warmup N] [--peak TFLOPS]
 //
 // Napkin math (T = 2048, C = 4096, bf16): a [T, C] tensor is 16 MiB. The unfused residual add reads
 // two and writes one (48 MiB, ~15 us at ~3.3 TB/s); the fused GEMM instead reads C (16 MiB) in its
@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "bench/bench_shape_options.h"
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
 #include "ops/norm.h"
@@ -28,33 +29,7 @@
 
 namespace {
 
-struct Options {
-  int64_t T = 2048, C = 4096, F = 11008;
-  int reps = 50, warmup = 5;
-};
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (i + 1 >= argc) {
-      std::fprintf(stderr, "usage: %s [--tokens T] [--hidden C] [--mlp F] [--reps N] [--warmup N]\n", argv[0]);
-      std::exit(2);
-    }
-    const char* v = argv[++i];
-    if (a == "--tokens") o.T = std::atoll(v);
-    else if (a == "--hidden") o.C = std::atoll(v);
-    else if (a == "--mlp") o.F = std::atoll(v);
-    else if (a == "--reps") o.reps = std::atoi(v);
-    else if (a == "--warmup") o.warmup = std::atoi(v);
-    else {
-      std::fprintf(stderr, "unknown option %s\n", a.c_str());
-      std::exit(2);
-    }
-  }
-  if (o.reps < 20) o.reps = 20;
-  return o;
-}
+using Options = omniq::bench::ShapeOptions;
 
 #ifdef OMNIQ_HAS_CUDA
 // Mean microseconds per call of f on the omniq stream after the warmup (bench/bench_timing.h).
@@ -132,7 +107,7 @@ void bench_norm(const Options& o, omniq::Device dev, cudaStream_t s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Options o = parse(argc, argv);
+  const Options o = omniq::bench::parse_shape_options(argc, argv, 20);
   if (!omniq::cuda_available()) {
     std::printf("bench_gemm_fusion: no CUDA device visible (or omniq built without CUDA); nothing to time.\n");
     return 0;

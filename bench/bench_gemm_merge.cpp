@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "bench/bench_shape_options.h"
 #include "ops/matmul.h"
 #include "runtime/device.h"
 #include "runtime/tensor.h"
@@ -25,36 +26,7 @@
 
 namespace {
 
-struct Options {
-  int64_t T = 2048, C = 4096, F = 11008;
-  int reps = 50, warmup = 5;
-  double peak = 989.0;
-};
-
-Options parse(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (i + 1 >= argc) {
-      std::fprintf(stderr, "usage: %s [--tokens T] [--hidden C] [--mlp F] [--reps N] [--warmup N] [--peak TFLOPS]\n",
-                   argv[0]);
-      std::exit(2);
-    }
-    const char* v = argv[++i];
-    if (a == "--tokens") o.T = std::atoll(v);
-    else if (a == "--hidden") o.C = std::atoll(v);
-    else if (a == "--mlp") o.F = std::atoll(v);
-    else if (a == "--reps") o.reps = std::atoi(v);
-    else if (a == "--warmup") o.warmup = std::atoi(v);
-    else if (a == "--peak") o.peak = std::atof(v);
-    else {
-      std::fprintf(stderr, "unknown option %s\n", a.c_str());
-      std::exit(2);
-    }
-  }
-  if (o.reps < 10) o.reps = 10;
-  return o;
-}
+using Options = omniq::bench::ShapeOptions;
 
 #ifdef OMNIQ_HAS_CUDA
 using omniq::cuda::GemmArgs;
@@ -179,7 +151,7 @@ void input_grad(const Options& o, omniq::Device dev, cudaStream_t s, const char*
 }  // namespace
 
 int main(int argc, char** argv) {
-  const Options o = parse(argc, argv);
+  const Options o = omniq::bench::parse_shape_options(argc, argv, 10);
   if (!omniq::cuda_available()) {
     std::printf("bench_gemm_merge: no CUDA device visible (or omniq built without CUDA); nothing to time.\n");
     return 0;

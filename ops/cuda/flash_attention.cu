@@ -226,14 +226,10 @@ void set_flash_forward_variant(int variant) {
 }
 
 int flash_forward_variant() {
-  int v = g_fwd_variant.load();
-  if (v == 0) {
+  return setting_or_env(g_fwd_variant, [] {
     const char* env = std::getenv("OMNIQ_FLASH_FWD_V2");
-    const int from_env = (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 2 : 1;
-    g_fwd_variant.compare_exchange_strong(v, from_env);  // loses only to a concurrent explicit set
-    v = g_fwd_variant.load();
-  }
-  return v;
+    return (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 2 : 1;
+  });
 }
 
 Tensor flash_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,

@@ -373,14 +373,10 @@ void set_flash_backward_variant(int variant) {
 }
 
 int flash_backward_variant() {
-  int v = g_bwd_variant.load();
-  if (v == 0) {
+  return setting_or_env(g_bwd_variant, [] {
     const char* env = std::getenv("OMNIQ_FLASH_BWD_V1");
-    const int from_env = (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 1 : 2;
-    g_bwd_variant.compare_exchange_strong(v, from_env);  // loses only to a concurrent explicit set
-    v = g_bwd_variant.load();
-  }
-  return v;
+    return (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 1 : 2;
+  });
 }
 
 AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,

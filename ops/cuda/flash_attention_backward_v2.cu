@@ -397,14 +397,10 @@ void set_flash_backward_query_chunks(int chunks) {
 }
 
 int flash_backward_query_chunks() {
-  int v = g_query_chunks.load();
-  if (v == 0) {
+  return setting_or_env(g_query_chunks, [] {
     const char* env = std::getenv("OMNIQ_FLASH_BWD_QCHUNKS");
-    const int from_env = env != nullptr && std::strcmp(env, "1") == 0 ? 1 : 2;
-    g_query_chunks.compare_exchange_strong(v, from_env);  // loses only to a concurrent explicit set
-    v = g_query_chunks.load();
-  }
-  return v;
+    return env != nullptr && std::strcmp(env, "1") == 0 ? 1 : 2;
+  });
 }
 
 AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,

@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <type_traits>
@@ -244,6 +245,18 @@ inline void flash_dispatch(DType dt, int64_t D, bool causal, F&& f) {
     by_d(__nv_bfloat16{});
   else
     by_d(__half{});
+}
+
+// A process-wide kernel choice (variant, chunking): 0 means not decided yet, then the first query
+// stores from_env() (the environment's choice) unless an explicit set got there first.
+template <typename F>
+inline int setting_or_env(std::atomic<int>& setting, F&& from_env) {
+  int v = setting.load();
+  if (v == 0) {
+    setting.compare_exchange_strong(v, from_env());  // loses only to a concurrent explicit set
+    v = setting.load();
+  }
+  return v;
 }
 
 inline bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data()) % 16 == 0; }
