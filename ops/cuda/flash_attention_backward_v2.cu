@@ -139,7 +139,8 @@ __global__ void __launch_bounds__(kThreads2, 1)
     if (it + 1 < iters) issue(it + 1, (it + 1) & 1);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();  // (a) tile `it` visible; every thread fenced the previous tile's dQ adds
+    __syncthreads();  // (a) tile `it` visible; every thread's dQ adds of the previous tile precede
+                      // thread 0's release of its turn just below
     if (pending != nullptr) {
       if (threadIdx.x == 0) cta_release_increment(pending, thread_fences);
       pending = nullptr;
