@@ -8,23 +8,14 @@
 #include "experiments/experiment_config.h"
 #include "experiments/sweep.h"
 #include "runtime/error.h"
+#include "tests/error_test_util.h"
 #include "tests/support/test_support.h"
 
 using namespace omniq;
 
 namespace {
 
-// The error message of `f`, or a failure when it does not throw omniq::Error.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an omniq::Error";
-  return "";
-}
+using error_test::error_of;  // tests/error_test_util.h
 
 // Every error must name the file, the line and the key, so a user can go straight to it.
 void expect_error(const std::string& yaml, const std::vector<std::string>& parts, bool sweep = false) {

@@ -26,6 +26,7 @@
 #include "ops/attention.h"
 #include "runtime/allocator.h"
 #include "runtime/error.h"
+#include "tests/flash_attention_test_util.h"
 #include "tests/support/test_support.h"
 #ifdef OMNIQ_HAS_CUDA
 #include "ops/cuda/flash_attention.h"
@@ -35,6 +36,10 @@ namespace omniq {
 namespace {
 
 using test::all_close;
+// Shared with test_flash_attention_variants.cpp (tests/flash_attention_test_util.h).
+using fa_test::close_scaled;
+using fa_test::delta_of;
+using fa_test::same_bits;
 
 struct Case {
   int64_t B, T, Hq, Hkv, D;
@@ -47,21 +52,6 @@ struct Case {
 std::ostream& operator<<(std::ostream& os, const Case& c) {
   return os << dtype_name(c.dt) << " B=" << c.B << " T=" << c.T << " Hq=" << c.Hq << " Hkv=" << c.Hkv
             << " D=" << c.D << (c.causal ? " causal" : " full") << " scale=" << c.sc();
-}
-
-float max_abs(const std::vector<float>& v) {
-  float m = 0;
-  for (float x : v) m = std::max(m, std::fabs(x));
-  return m;
-}
-
-// 16-bit comparisons: atol relative to the largest reference value (gradients cancel, so small
-// entries carry the rounding of large ones), floored at rel·1e-3: where a gradient is zero in exact
-// arithmetic (dq, dk at T = 1: a softmax over one key has no score gradient) both sides hold only
-// ~1e-8 of rounding noise, which must not count as a mismatch.
-::testing::AssertionResult close_scaled(const Tensor& got, const Tensor& ref, float rel) {
-  const auto r = ref.to(Device::cpu()).to_f32_vector();
-  return all_close(got.to(Device::cpu()).to_f32_vector(), r, rel * std::max(max_abs(r), 1e-3f), rel);
 }
 
 struct Inputs {
@@ -281,24 +271,6 @@ TEST(FlashAttentionCuda, LongSequenceO_T_Memory) {
 #ifdef OMNIQ_HAS_CUDA
 // Every split of the G = 4 query heads per kv head (1: one CTA loops over all 4 heads and stores
 // dK/dV; 2: two heads per CTA; 4: one each, dK/dV summed by fp32 atomics) gives the CPU gradients.
-// delta[b, h, t] = Σ_d dout ⊙ out [B, Hq, T] f32 from the 16-bit CPU values (what
-// attn_delta_kernel computes), on the GPU: the input of cuda::flash_attention_backward.
-Tensor delta_of(const Tensor& out_h, const Tensor& dout_h, const Case& c) {
-  const auto o = out_h.to_f32_vector(), g = dout_h.to_f32_vector();
-  std::vector<float> delta(static_cast<size_t>(c.B * c.Hq * c.T));
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t t = 0; t < c.T; ++t)
-      for (int64_t h = 0; h < c.Hq; ++h) {
-        double acc = 0;
-        for (int64_t d = 0; d < c.D; ++d) {
-          const size_t i = static_cast<size_t>(((b * c.T + t) * c.Hq + h) * c.D + d);
-          acc += static_cast<double>(o[i]) * g[i];
-        }
-        delta[static_cast<size_t>((b * c.Hq + h) * c.T + t)] = static_cast<float>(acc);
-      }
-  return Tensor::from_f32(delta, Shape{c.B, c.Hq, c.T}, DType::f32).to(Device::cuda());
-}
-
 TEST(FlashAttentionCuda, BackwardKvSplits) {
   OMNIQ_REQUIRE_CUDA();
   for (int variant : kBwdVariants)
@@ -324,12 +296,6 @@ TEST(FlashAttentionCuda, BackwardKvSplits) {
           EXPECT_TRUE(close_scaled(got.dk, want.dk, 3e-2f)) << "dk";
           EXPECT_TRUE(close_scaled(got.dv, want.dv, 3e-2f)) << "dv";
         }
-}
-
-// Byte-for-byte equality of two tensors of one shape and dtype (after copying to the CPU).
-bool same_bits(const Tensor& a, const Tensor& b) {
-  const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
-  return ha.shape() == hb.shape() && ha.dtype() == hb.dtype() && std::memcmp(ha.data(), hb.data(), ha.nbytes()) == 0;
 }
 
 // Deterministic mode: three backwards on the same inputs, the third after other attention work

@@ -19,6 +19,7 @@
 
 #include "ops/attention.h"
 #include "runtime/error.h"
+#include "tests/flash_attention_test_util.h"
 #include "tests/support/test_support.h"
 #ifdef OMNIQ_HAS_CUDA
 #include "ops/cuda/flash_attention.h"
@@ -29,19 +30,10 @@ namespace {
 
 #ifdef OMNIQ_HAS_CUDA
 using test::all_close;
-
-// A gradient vs a reference: |got − ref| ≤ rel·max|ref| + rel·|ref| (max|ref| floored at 1e-3).
-::testing::AssertionResult close_scaled(const Tensor& got, const Tensor& ref, float rel) {
-  const auto r = ref.to(Device::cpu()).to_f32_vector();
-  float m = 1e-3f;
-  for (float x : r) m = std::max(m, std::fabs(x));
-  return all_close(got.to(Device::cpu()).to_f32_vector(), r, rel * m, rel);
-}
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  const Tensor ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
-  return ha.shape() == hb.shape() && ha.dtype() == hb.dtype() && std::memcmp(ha.data(), hb.data(), ha.nbytes()) == 0;
-}
+// Shared with test_flash_attention.cpp (tests/flash_attention_test_util.h).
+using fa_test::close_scaled;
+using fa_test::delta_of;
+using fa_test::same_bits;
 
 struct VCase {
   int64_t B, T, Hq, Hkv, D;
@@ -52,23 +44,6 @@ struct VCase {
 std::ostream& operator<<(std::ostream& os, const VCase& c) {
   return os << dtype_name(c.dt) << " B=" << c.B << " T=" << c.T << " Hq=" << c.Hq << " Hkv=" << c.Hkv
             << " D=" << c.D << (c.causal ? " causal" : " full");
-}
-
-// delta[b, h, t] = Σ_d dout ⊙ out, [B, Hq, T] f32 on the GPU (what attn_delta_kernel computes).
-Tensor delta_of(const Tensor& out_h, const Tensor& dout_h, const VCase& c) {
-  const auto o = out_h.to_f32_vector(), g = dout_h.to_f32_vector();
-  std::vector<float> delta(static_cast<size_t>(c.B * c.Hq * c.T));
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t t = 0; t < c.T; ++t)
-      for (int64_t h = 0; h < c.Hq; ++h) {
-        double acc = 0;
-        for (int64_t d = 0; d < c.D; ++d) {
-          const size_t i = static_cast<size_t>(((b * c.T + t) * c.Hq + h) * c.D + d);
-          acc += static_cast<double>(o[i]) * g[i];
-        }
-        delta[static_cast<size_t>((b * c.Hq + h) * c.T + t)] = static_cast<float>(acc);
-      }
-  return Tensor::from_f32(delta, Shape{c.B, c.Hq, c.T}, DType::f32).to(Device::cuda());
 }
 
 // Variant switch: explicit set wins, round trip, bad values rejected (no GPU needed).

@@ -16,6 +16,7 @@
 #include "models/safetensors_writer.h"
 #include "runtime/error.h"
 #include "tests/models_test_util.h"
+#include "tests/file_test_util.h"
 #include "tests/support/test_support.h"
 
 using namespace omniq;
@@ -23,18 +24,9 @@ using omniq::test::throws_with;
 
 namespace {
 
-std::string model_dir(const std::string& name) { return test::source_path("data/models/" + name); }
+using file_test::list_dir;  // tests/file_test_util.h
 
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> out;
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) return out;
-  while (dirent* e = ::readdir(d))
-    if (std::strcmp(e->d_name, ".") && std::strcmp(e->d_name, "..")) out.push_back(e->d_name);
-  ::closedir(d);
-  std::sort(out.begin(), out.end());
-  return out;
-}
+std::string model_dir(const std::string& name) { return test::source_path("data/models/" + name); }
 
 bool exists(const std::string& p) {
   struct stat st;

@@ -22,24 +22,17 @@
 #include "experiments/runner.h"
 #include "experiments/sweep.h"
 #include "models/safetensors.h"
+#include "tests/file_test_util.h"
 #include "tests/support/test_support.h"
 
 namespace omniq {
 namespace {
 
 using test::source_path;
-
-bool exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
-
-std::string slurp(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
-void spit(const std::string& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
+// tests/file_test_util.h
+using file_test::file_exists;
+using file_test::slurp;
+using file_test::spit;
 
 // A fresh temporary folder per test, with small calibration and evaluation texts cut from the
 // bundled WikiText-2 files (tokenizing the whole files would dominate the test time).
@@ -172,8 +165,8 @@ TEST(Runner, RunPointWritesTheDocumentedHdf5Layout) {
   PointResult r = run_point(pts[0], t.dir + "/runs");
   ASSERT_EQ(r.status, "complete") << r.error;
   const std::string run = t.dir + "/runs/one";
-  EXPECT_TRUE(exists(run + "/config.yaml"));
-  EXPECT_TRUE(exists(run + "/model/config.json"));
+  EXPECT_TRUE(file_exists(run + "/config.yaml"));
+  EXPECT_TRUE(file_exists(run + "/model/config.json"));
   EXPECT_EQ(parse_experiment(slurp(run + "/config.yaml"), "config.yaml"), pts[0].config);
 
   hid_t f = H5Fopen((run + "/run.h5").c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
@@ -259,7 +252,7 @@ TEST(Runner, SweepWritesSummarySkipsFinishedPointsAndSurvivesAFailure) {
   EXPECT_EQ(rows[1].rfind("rtn,", 0), 0u) << rows[1];
   EXPECT_NE(rows[2].find(",complete"), std::string::npos) << rows[2];
   EXPECT_NE(rows[3].find(",failed"), std::string::npos) << rows[3];
-  EXPECT_TRUE(exists(t.dir + "/runs/two/summary.md"));
+  EXPECT_TRUE(file_exists(t.dir + "/runs/two/summary.md"));
 
   // rerun: the complete points are skipped with the same numbers
   std::vector<PointResult> again = run_sweep(t.dir + "/sweep.yaml");
@@ -350,17 +343,17 @@ TEST(RunLog, AnUnreadableFileIsMovedAsideNotTrusted) {
 
 TEST(Runner, RunCommandRefusesASweepFile) {
   TempRun t;
-  ASSERT_TRUE(exists(omniq_binary()));
+  ASSERT_TRUE(file_exists(omniq_binary()));
   spit(t.dir + "/s.yaml", t.base("s", t.dir + "/runs", 1) + "sweep:\n  quantization.wbits: [3, 4]\n");
   EXPECT_EQ(wait_exit(spawn_omniq({"run", t.dir + "/s.yaml"}, t.dir + "/s.log")), 1);
   EXPECT_NE(slurp(t.dir + "/s.log").find("omniq sweep"), std::string::npos) << slurp(t.dir + "/s.log");
-  EXPECT_FALSE(exists(t.dir + "/runs"));
+  EXPECT_FALSE(file_exists(t.dir + "/runs"));
 }
 
 TEST(Runner, SigkilledRunResumesToTheUninterruptedResult) {
   TempRun t;
   const std::string bin = omniq_binary();
-  ASSERT_TRUE(exists(bin)) << "build the omniq binary first (expected at " << bin << ")";
+  ASSERT_TRUE(file_exists(bin)) << "build the omniq binary first (expected at " << bin << ")";
   // Enough epochs that one block takes on the order of a second, so the kill lands mid-block.
   const int epochs = 12;
   spit(t.dir + "/a.yaml", t.base("k", t.dir + "/a", epochs));
@@ -371,13 +364,14 @@ TEST(Runner, SigkilledRunResumesToTheUninterruptedResult) {
   const std::string run_b = t.dir + "/b/k";
   pid_t pid = spawn_omniq({"run", t.dir + "/b.yaml"}, t.dir + "/b.log");
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (!exists(run_b + "/model.state/block_001.safetensors") && std::chrono::steady_clock::now() < deadline)
+  while (!file_exists(run_b + "/model.state/block_001.safetensors") &&
+         std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   ::kill(pid, SIGKILL);
   EXPECT_EQ(wait_exit(pid), -SIGKILL) << slurp(t.dir + "/b.log");
-  ASSERT_TRUE(exists(run_b + "/model.state/block_001.safetensors"));
+  ASSERT_TRUE(file_exists(run_b + "/model.state/block_001.safetensors"));
   // The kill must have landed inside calibration, or the test proves nothing.
-  ASSERT_FALSE(exists(run_b + "/model.state/block_003.safetensors")) << "the run finished before the kill";
+  ASSERT_FALSE(file_exists(run_b + "/model.state/block_003.safetensors")) << "the run finished before the kill";
   EXPECT_NE(h5_status(run_b + "/run.h5"), "complete");
 
   ASSERT_EQ(wait_exit(spawn_omniq({"run", t.dir + "/b.yaml"}, t.dir + "/b.log")), 0) << slurp(t.dir + "/b.log");

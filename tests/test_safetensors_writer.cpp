@@ -13,6 +13,7 @@
 #include "models/safetensors_writer.h"
 #include "runtime/error.h"
 #include "tests/models_test_util.h"
+#include "tests/file_test_util.h"
 #include "tests/support/test_support.h"
 
 using namespace omniq;
@@ -20,21 +21,9 @@ using omniq::test::throws_with;
 
 namespace {
 
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> out;
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) return out;
-  while (dirent* e = ::readdir(d))
-    if (std::strcmp(e->d_name, ".") && std::strcmp(e->d_name, "..")) out.push_back(e->d_name);
-  ::closedir(d);
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-bool file_exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
+// tests/file_test_util.h
+using file_test::file_exists;
+using file_test::list_dir;
 
 std::string host_bytes(const Tensor& t) {
   Tensor h = t.device().is_cuda() ? t.to(Device::cpu()) : t.clone();

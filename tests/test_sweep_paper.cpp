@@ -17,40 +17,24 @@
 #include "experiments/runner.h"
 #include "experiments/sweep.h"
 #include "runtime/error.h"
+#include "tests/error_test_util.h"
+#include "tests/file_test_util.h"
 #include "tests/support/test_support.h"
 
 namespace omniq {
 namespace {
 
 using test::source_path;
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an omniq::Error";
-  return "";
-}
+using error_test::error_of;  // tests/error_test_util.h
+// tests/file_test_util.h
+using file_test::file_exists;
+using file_test::slurp;
+using file_test::spit;
 
 void expect_error(const std::string& yaml, const std::vector<std::string>& parts) {
   std::string msg = error_of([&] { parse_sweep(yaml, "config.yaml"); });
   for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
 }
-
-bool exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
-
-std::string slurp(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-
-void spit(const std::string& p, const std::string& s) { std::ofstream(p, std::ios::binary) << s; }
 
 const SweepPoint& point(const std::vector<SweepPoint>& pts, const std::string& name) {
   for (const SweepPoint& p : pts)
@@ -98,7 +82,7 @@ runs:
   PointResult r = run_point(unset[0], "/tmp/omniq_sweep_paper_never");
   EXPECT_EQ(r.status, "failed");
   EXPECT_NE(r.error.find("OMNIQ_TEST_ZOO is not set"), std::string::npos) << r.error;
-  EXPECT_FALSE(exists("/tmp/omniq_sweep_paper_never"));
+  EXPECT_FALSE(file_exists("/tmp/omniq_sweep_paper_never"));
 }
 
 TEST(SweepModels, ErrorsQuoteLineAndKey) {
@@ -236,11 +220,11 @@ TEST(SweepOnly, FillsThePaperTableOverSeveralInvocations) {
   for (int i : {2, 3}) {  // not selected: not run, shown as missing
     EXPECT_FALSE(r[i].selected) << r[i].name;
     EXPECT_EQ(r[i].status, "missing");
-    EXPECT_FALSE(exists(sweep_dir + "/" + r[i].name));
+    EXPECT_FALSE(file_exists(sweep_dir + "/" + r[i].name));
   }
   // FP16 evaluates the original checkpoint: no blocks, no exported model, a finite ppl.
   EXPECT_EQ(r[0].calib_seconds, 0.0);
-  EXPECT_FALSE(exists(sweep_dir + "/nano-FP16/model"));
+  EXPECT_FALSE(file_exists(sweep_dir + "/nano-FP16/model"));
   ASSERT_EQ(r[0].ppl.size(), 1u);
   ASSERT_TRUE(std::isfinite(r[0].ppl[0].second) && std::isfinite(r[1].ppl[0].second));
   EXPECT_NE(r[0].ppl[0].second, r[1].ppl[0].second);  // RTN changed the model
@@ -275,7 +259,7 @@ TEST(SweepOnly, FillsThePaperTableOverSeveralInvocations) {
   std::string exe(4096, '\0');
   exe.resize(static_cast<size_t>(std::max<ssize_t>(0, ::readlink("/proc/self/exe", exe.data(), exe.size() - 1))));
   const std::string omniq = exe.substr(0, exe.rfind("/tests/")) + "/omniq";
-  if (exists(omniq)) {
+  if (file_exists(omniq)) {
     std::remove((sweep_dir + "/table.md").c_str());
     std::string cmd = omniq + " sweep " + file + " --out " + dir + "/runs --table > " + dir + "/cli.txt 2>&1";
     EXPECT_EQ(std::system(cmd.c_str()), 0) << slurp(dir + "/cli.txt");

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "ops/attention.h"
+#include "ops/cuda/elementwise_util.cuh"
 #include "ops/cuda/flash_attention.h"
 #include "ops/matmul.h"
 #include "runtime/cuda_context.h"
@@ -31,13 +32,9 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // CUDA kernels
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
+// fp32 load/store of f32, bf16 and f16 elements (round to nearest even): ops/cuda/elementwise_util.cuh.
+using ew::from_f32;
+using ew::to_f32;
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

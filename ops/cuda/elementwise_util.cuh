@@ -1,9 +1,10 @@
 // Device helpers shared by the f32/bf16 kernels (elementwise, activation, rope, embedding, reduce,
-// norm, loss, fake_quant): fp32 load/store of the storage types, 4-element packs and N-element
-// 16-byte vector access, the f32/bf16 dtype dispatch, alignment checks and the grid of a grid-stride
-// launch. Include only from .cu files.
+// norm, loss, fake_quant): fp32 load/store of the storage types (f16 too, for matmul and attention),
+// 4-element packs and N-element 16-byte vector access, the f32/bf16 dtype dispatch, alignment checks
+// and the grid of a grid-stride launch. Include only from .cu files.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -18,11 +19,14 @@ namespace omniq::cuda::ew {
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-// Round to nearest even, like the host's f32_to_bf16, so CPU and CUDA bf16 results agree.
+// Round to nearest even (as __float2bfloat16 / __float2half), like the host's f32_to_bf16 and
+// f32_to_f16, so CPU and CUDA 16-bit results agree.
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
 // Four consecutive elements moved as one 16-byte (f32) or 8-byte (bf16) access. Rows are contiguous,
 // so when the row length and the base pointers allow it, a thread handles 4 elements per trip.
