@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include "ops/cuda/flash_attention.h"
+#include "ops/cuda/flash_attention_backward_v3.h"
 #include "runtime/cuda_context.h"
 #include "bench/bench_timing.h"
 #endif
@@ -113,11 +114,12 @@ void bench_attention(const Options& o, omniq::Device dev, cudaStream_t stream, c
   const double gemm = 0.5 * 2.0 * B * H * T * T * D;  // one causal T x T x D product over all heads
   std::printf("\nattention %s, bf16, causal, B=%lld T=%lld H=%lld Hkv=%lld D=%lld (causal-useful FLOPs)\n", label,
               (long long)B, (long long)T, (long long)H, (long long)Hkv, (long long)D);
-  // Both flash forward kernels (v1, the default; v2 128-query CTAs, OMNIQ_FLASH_FWD_V2=1);
-  // the total below uses the process-wide one.
+  // The flash forward kernels (v1; v2 128-query CTAs, OMNIQ_FLASH_FWD_V2=1; v3 wgmma where the build
+  // and GPU have it, OMNIQ_FLASH_FWD_V3=1); the total below uses the process-wide one.
   const int fvariant0 = cuda::flash_forward_variant();
-  double fwd = 0, fwd_v[3] = {0, 0, 0};
-  for (int variant : {2, 1}) {
+  double fwd = 0, fwd_v[4] = {0, 0, 0, 0};
+  for (int variant : {3, 2, 1}) {
+    if (variant == 3 && !cuda::flash_forward_v3_available(q)) continue;
     cuda::set_flash_forward_variant(variant);
     fwd_v[variant] = time_ms(o, stream, [&]() { Tensor l; Tensor y = attention_forward(q, k, v, scale, true, &l); });
     char name[64];
@@ -127,14 +129,17 @@ void bench_attention(const Options& o, omniq::Device dev, cudaStream_t stream, c
   }
   cuda::set_flash_forward_variant(fvariant0);
   std::printf("v2 vs v1 forward time: %.2fx faster\n", fwd_v[1] / fwd_v[2]);
+  if (fwd_v[3] > 0) std::printf("v3 vs v1 forward time: %.2fx faster\n", fwd_v[1] / fwd_v[3]);
   // Both backward modes (ops/attention.h: ordered fp32 adds vs fp32 atomics) and both flash
   // backward kernels (ops/cuda/flash_attention.h: v2 128-key CTAs, the default; v1 64-key CTAs,
   // OMNIQ_FLASH_BWD_V1=1) for the A/B; times include attn_delta_kernel and the dQ/dK/dV
   // conversions. The total below uses the process-wide mode and variant.
   const bool mode0 = attention_deterministic();
   const int variant0 = cuda::flash_backward_variant();
-  double bwd = 0, bwd_mode[3][2] = {{0, 0}, {0, 0}, {0, 0}};
-  for (int variant : {2, 1}) {
+  double bwd = 0, bwd_mode[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
+  const bool have_v3 = cuda::flash_backward_v3_available(q);  // wgmma (OMNIQ_FLASH_BWD_V3=1)
+  for (int variant : {3, 2, 1}) {
+    if (variant == 3 && !have_v3) continue;
     cuda::set_flash_backward_variant(variant);
     for (bool det : {true, false}) {
       set_attention_deterministic(det);
@@ -149,11 +154,15 @@ void bench_attention(const Options& o, omniq::Device dev, cudaStream_t stream, c
   }
   cuda::set_flash_backward_variant(variant0);
   set_attention_deterministic(mode0);
-  for (int variant : {2, 1})
-    std::printf("v%d: deterministic backward costs %+.1f%% over atomic\n", variant,
+  for (int variant : {3, 2, 1})
+    if (bwd_mode[variant][0] > 0)
+      std::printf("v%d: deterministic backward costs %+.1f%% over atomic\n", variant,
                 100.0 * (bwd_mode[variant][1] / bwd_mode[variant][0] - 1.0));
   std::printf("v2 vs v1 backward time: deterministic %.2fx, atomic %.2fx faster\n", bwd_mode[1][1] / bwd_mode[2][1],
               bwd_mode[1][0] / bwd_mode[2][0]);
+  if (have_v3)
+    std::printf("v3 vs v2 backward time: deterministic %.2fx, atomic %.2fx faster\n", bwd_mode[2][1] / bwd_mode[3][1],
+                bwd_mode[2][0] / bwd_mode[3][0]);
   report("attention forward+backward", fwd + bwd, 7 * gemm, o);
   const MemoryStats ms = memory_stats(dev);
   std::printf("scratch peak above inputs: %.1f MiB (outputs + lse/delta + fp32 dQ accumulator when flash)\n",

@@ -23,6 +23,7 @@
 #include "tests/support/test_support.h"
 #ifdef OMNIQ_HAS_CUDA
 #include "ops/cuda/flash_attention.h"
+#include "ops/cuda/flash_attention_backward_v3.h"
 #endif
 
 namespace omniq {
@@ -49,12 +50,14 @@ std::ostream& operator<<(std::ostream& os, const VCase& c) {
 // Variant switch: explicit set wins, round trip, bad values rejected (no GPU needed).
 TEST(FlashAttentionDispatch, BackwardVariantSwitch) {
   const int saved = cuda::flash_backward_variant();
-  EXPECT_TRUE(saved == 1 || saved == 2);
+  EXPECT_TRUE(saved >= 1 && saved <= 3);
   cuda::set_flash_backward_variant(1);
   EXPECT_EQ(cuda::flash_backward_variant(), 1);
+  cuda::set_flash_backward_variant(3);
+  EXPECT_EQ(cuda::flash_backward_variant(), 3);
   cuda::set_flash_backward_variant(2);
   EXPECT_EQ(cuda::flash_backward_variant(), 2);
-  EXPECT_THROW(cuda::set_flash_backward_variant(3), Error);
+  EXPECT_THROW(cuda::set_flash_backward_variant(4), Error);
   EXPECT_EQ(cuda::flash_backward_variant(), 2);
   cuda::set_flash_backward_variant(saved);
 }
@@ -70,11 +73,32 @@ TEST(FlashAttentionDispatch, KvSplitsV2) {
 
 // Every T around the 128-key tile, causal and full, GQA with splits 1/2/4 and the automatic
 // choice, both modes: v2 vs the CPU, v1 vs v2, and v2's deterministic mode twice, bit for bit.
+// v3 against the CPU and v2, and bitwise on a deterministic rerun (BackwardVariantsAroundKeyTile).
+void check_v3(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& delta,
+              const Tensor& lse, float scale, bool causal, int splits, bool det, const AttentionGrads& want,
+              const AttentionGrads& g2, float rel) {
+  const AttentionGrads g3 = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, splits, det);
+  ASSERT_EQ(g3.dq.shape(), q.shape());
+  ASSERT_EQ(g3.dk.shape(), k.shape());
+  EXPECT_TRUE(close_scaled(g3.dq, want.dq, rel)) << "v3 dq";
+  EXPECT_TRUE(close_scaled(g3.dk, want.dk, rel)) << "v3 dk";
+  EXPECT_TRUE(close_scaled(g3.dv, want.dv, rel)) << "v3 dv";
+  EXPECT_TRUE(close_scaled(g3.dq, g2.dq, 1e-2f)) << "v3 vs v2 dq";
+  EXPECT_TRUE(close_scaled(g3.dk, g2.dk, 1e-2f)) << "v3 vs v2 dk";
+  EXPECT_TRUE(close_scaled(g3.dv, g2.dv, 1e-2f)) << "v3 vs v2 dv";
+  if (det) {
+    const AttentionGrads again = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, splits, det);
+    EXPECT_TRUE(same_bits(again.dq, g3.dq)) << "v3 deterministic dq differs on a rerun";
+    EXPECT_TRUE(same_bits(again.dk, g3.dk)) << "v3 deterministic dk differs on a rerun";
+    EXPECT_TRUE(same_bits(again.dv, g3.dv)) << "v3 deterministic dv differs on a rerun";
+  }
+}
+
 TEST(FlashAttentionCuda, BackwardVariantsAroundKeyTile) {
   OMNIQ_REQUIRE_CUDA();
   const Device gpu = Device::cuda();
   uint64_t seed = 12000;
-  int n = 0;
+  int n = 0, v3_cases = 0;
   for (int64_t T : {64, 127, 128, 129, 191, 192, 193, 255, 320})
     for (bool causal : {true, false}) {
       ++n;
@@ -114,7 +138,51 @@ TEST(FlashAttentionCuda, BackwardVariantsAroundKeyTile) {
             EXPECT_TRUE(same_bits(again.dk, g2.dk)) << "v2 deterministic dk differs on a rerun";
             EXPECT_TRUE(same_bits(again.dv, g2.dv)) << "v2 deterministic dv differs on a rerun";
           }
+          if (cuda::flash_backward_v3_available(q)) {  // wgmma: D = 128, sm_90 GPU, sm_90a build
+            ++v3_cases;
+            check_v3(dout, q, k, v, delta, lse, scale, causal, splits, det, want, g2, rel);
+          }
         }
+    }
+  if (cuda::flash_backward_v3_available(Tensor::empty(Shape{1, 1, 1, 128}, DType::bf16, gpu)))
+    EXPECT_GT(v3_cases, 0);
+}
+
+// v3 (wgmma) at the long shapes of a real step (T = 1000 and 2048, MHA and GQA with splits): against
+// v2 (same products, different fp32 summation inside the MMAs: rtol 1e-2) in both modes, and bitwise
+// reproducible in the deterministic mode.
+TEST(FlashAttentionCuda, BackwardV3LongSequences) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  if (!cuda::flash_backward_v3_available(Tensor::empty(Shape{1, 1, 1, 128}, DType::bf16, gpu)))
+    GTEST_SKIP() << "no wgmma kernel on this GPU / build";
+  uint64_t seed = 16000;
+  for (int64_t T : {1000, 2048})
+    for (int64_t Hkv : {4, 2}) {
+      const VCase c{1, T, 4, Hkv, 128, true, DType::bf16};
+      const float scale = 1.f / std::sqrt(128.f);
+      const Tensor doh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed += 10, c.dt);
+      const Tensor q = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed + 1, c.dt).to(gpu);
+      const Tensor k = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 2, c.dt).to(gpu);
+      const Tensor v = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 3, c.dt).to(gpu);
+      const Tensor dout = doh.to(gpu);
+      Tensor lse;
+      const Tensor out = attention_forward(q, k, v, scale, true, &lse);
+      const Tensor delta = delta_of(out.to(Device::cpu()), doh, c);
+      for (bool det : {true, false}) {
+        SCOPED_TRACE(testing::Message() << c << (det ? " deterministic" : " atomic"));
+        const AttentionGrads g2 = cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, true, 0, det);
+        const AttentionGrads g3 = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, true, 0, det);
+        EXPECT_TRUE(close_scaled(g3.dq, g2.dq, 1e-2f)) << "v3 vs v2 dq";
+        EXPECT_TRUE(close_scaled(g3.dk, g2.dk, 1e-2f)) << "v3 vs v2 dk";
+        EXPECT_TRUE(close_scaled(g3.dv, g2.dv, 1e-2f)) << "v3 vs v2 dv";
+        if (det) {
+          const AttentionGrads again = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, true, 0, det);
+          EXPECT_TRUE(same_bits(again.dq, g3.dq)) << "v3 deterministic dq differs on a rerun";
+          EXPECT_TRUE(same_bits(again.dk, g3.dk)) << "v3 deterministic dk differs on a rerun";
+          EXPECT_TRUE(same_bits(again.dv, g3.dv)) << "v3 deterministic dv differs on a rerun";
+        }
+      }
     }
 }
 
@@ -128,7 +196,7 @@ TEST(FlashAttentionCuda, ForwardVariantsAroundQueryTile) {
   OMNIQ_REQUIRE_CUDA();
   const Device gpu = Device::cuda();
   uint64_t seed = 14000;
-  int n = 0;
+  int n = 0, v3_cases = 0;
   for (int64_t T : {1, 17, 64, 100, 127, 128, 129, 191, 192, 193, 255, 257, 300})
     for (bool causal : {true, false})
       for (int64_t D : {64, 128}) {
@@ -154,16 +222,33 @@ TEST(FlashAttentionCuda, ForwardVariantsAroundQueryTile) {
         EXPECT_TRUE(all_close(lse2.to(Device::cpu()), lse1.to(Device::cpu()), 1e-4f, 1e-5f)) << "v2 vs v1 lse";
         EXPECT_TRUE(same_bits(o2, o2b)) << "v2 out differs on a rerun";
         EXPECT_TRUE(same_bits(lse2, lse2b)) << "v2 lse differs on a rerun";
+        if (cuda::flash_forward_v3_available(q)) {  // wgmma (sm_90a build on an sm_90 GPU), D = 128
+          Tensor lse3, lse3b;
+          const Tensor o3 = cuda::flash_attention_forward_v3(q, k, v, scale, causal, &lse3);
+          const Tensor o3b = cuda::flash_attention_forward_v3(q, k, v, scale, causal, &lse3b);
+          ASSERT_EQ(o3.shape(), qh.shape());
+          EXPECT_TRUE(close_scaled(o3, ref, 2e-2f)) << "v3 out";
+          EXPECT_TRUE(all_close(lse3.to(Device::cpu()), lse_ref, 2e-3f, 1e-3f)) << "v3 lse";
+          EXPECT_TRUE(close_scaled(o3, o1, 1e-2f)) << "v3 vs v1 out";
+          EXPECT_TRUE(all_close(lse3.to(Device::cpu()), lse1.to(Device::cpu()), 1e-4f, 1e-5f)) << "v3 vs v1 lse";
+          EXPECT_TRUE(same_bits(o3, o3b)) << "v3 out differs on a rerun";
+          EXPECT_TRUE(same_bits(lse3, lse3b)) << "v3 lse differs on a rerun";
+          ++v3_cases;
+        }
       }
+  // D = 128 on an H100 with the default (sm_90a) build must have exercised v3.
+  if (cuda::flash_forward_v3_available(Tensor::empty(Shape{1, 1, 1, 128}, DType::bf16, gpu)))
+    EXPECT_GT(v3_cases, 0);
 }
 
-// The forward switch: variant 1, and D = 64 whatever the variant, reach v1; D = 128 with 2 reaches v2.
+// The forward switch: variant 1, and D = 64 whatever the variant, reach v1; D = 128 with 2 reaches v2,
+// with 3 reaches v3 where it is available (else v1).
 TEST(FlashAttentionCuda, ForwardVariantSwitchReachesKernels) {
   OMNIQ_REQUIRE_CUDA();
   const Device gpu = Device::cuda();
   const int saved = cuda::flash_forward_variant();
   for (int64_t D : {64, 128})
-    for (int variant : {1, 2}) {
+    for (int variant : {1, 2, 3}) {
       SCOPED_TRACE(testing::Message() << "D=" << D << " variant " << variant);
       const Tensor q = Tensor::uniform(Shape{1, 300, 4, D}, -1, 1, 15000 + D, DType::bf16).to(gpu);
       const Tensor k = Tensor::uniform(Shape{1, 300, 2, D}, -1, 1, 15001 + D, DType::bf16).to(gpu);
@@ -172,8 +257,10 @@ TEST(FlashAttentionCuda, ForwardVariantSwitchReachesKernels) {
       cuda::set_flash_forward_variant(variant);
       Tensor l_switch, l_direct;
       const Tensor viaswitch = cuda::flash_attention_forward(q, k, v, scale, true, &l_switch);
-      const Tensor direct = variant == 1 || D == 64 ? cuda::flash_attention_forward_v1(q, k, v, scale, true, &l_direct)
-                                                    : cuda::flash_attention_forward_v2(q, k, v, scale, true, &l_direct);
+      const bool v3 = variant == 3 && cuda::flash_forward_v3_available(q);
+      const Tensor direct = v3 ? cuda::flash_attention_forward_v3(q, k, v, scale, true, &l_direct)
+                            : variant != 2 || D == 64 ? cuda::flash_attention_forward_v1(q, k, v, scale, true, &l_direct)
+                                                      : cuda::flash_attention_forward_v2(q, k, v, scale, true, &l_direct);
       EXPECT_TRUE(same_bits(viaswitch, direct)) << "out";
       EXPECT_TRUE(same_bits(l_switch, l_direct)) << "lse";
     }
@@ -183,12 +270,15 @@ TEST(FlashAttentionCuda, ForwardVariantSwitchReachesKernels) {
 // The forward switch itself (no GPU needed).
 TEST(FlashAttentionDispatch, ForwardVariantSwitch) {
   const int saved = cuda::flash_forward_variant();
-  EXPECT_TRUE(saved == 1 || saved == 2);
+  EXPECT_TRUE(saved >= 1 && saved <= 3);
   cuda::set_flash_forward_variant(1);
   EXPECT_EQ(cuda::flash_forward_variant(), 1);
   cuda::set_flash_forward_variant(2);
   EXPECT_EQ(cuda::flash_forward_variant(), 2);
+  cuda::set_flash_forward_variant(3);
+  EXPECT_EQ(cuda::flash_forward_variant(), 3);
   EXPECT_THROW(cuda::set_flash_forward_variant(0), Error);
+  EXPECT_THROW(cuda::set_flash_forward_variant(4), Error);
   cuda::set_flash_forward_variant(saved);
 }
 
@@ -208,12 +298,14 @@ TEST(FlashAttentionCuda, BackwardVariantSwitchReachesKernels) {
   const Tensor out = attention_forward(q, k, v, scale, true, &lse);
   const Tensor delta = delta_of(out.to(Device::cpu()), doh, c);
   const int saved = cuda::flash_backward_variant();
-  for (int variant : {1, 2}) {
+  for (int variant : {1, 2, 3}) {
     SCOPED_TRACE(testing::Message() << "variant " << variant);
     cuda::set_flash_backward_variant(variant);
     const AttentionGrads viaswitch = cuda::flash_attention_backward(dout, q, k, v, delta, lse, scale, true, 0, true);
+    const bool v3 = variant == 3 && cuda::flash_backward_v3_available(q);
     const AttentionGrads direct =
         variant == 1 ? cuda::flash_attention_backward_v1(dout, q, k, v, delta, lse, scale, true, 0, true)
+        : v3         ? cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, true, 0, true)
                      : cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, true, 0, true);
     EXPECT_TRUE(same_bits(viaswitch.dq, direct.dq)) << "dq";
     EXPECT_TRUE(same_bits(viaswitch.dk, direct.dk)) << "dk";

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -71,6 +72,29 @@ inline int stream_blocks_per_sm(const void* kernel, int device, int block, size_
   CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, block, smem));
   cache.emplace(key, occ);
   return occ;
+}
+
+// Grid of a persistent grid-stride loop over `tiles` equal tiles, `occ` resident blocks per SM on `sms`
+// SMs. The kernel takes as long as its busiest SM, and blocks land on SMs breadth-first (block b on SM
+// b mod sms in the first wave), so an SM's load is the sum over its blocks b ≡ s (mod sms) of
+// ⌊tiles/G⌋ + (b < tiles mod G). Two candidates: equal tiles per block (G = ⌈tiles/rounds⌉, which
+// leaves some SMs one block short: LLaMA-7B 4096×4096 g128, 2048 tiles, 3 × 132 slots → G = 342, the
+// busiest SM 18 tiles) and every slot filled (G = 396: 16 tiles); the one with the smaller busiest SM.
+inline int64_t persistent_grid(int64_t tiles, int occ, int sms) {
+  const int64_t slots = static_cast<int64_t>(occ) * sms;
+  if (tiles <= slots) return tiles;
+  auto busiest = [&](int64_t G) {
+    const int64_t base = tiles / G, extra = tiles % G;
+    int64_t worst = 0;
+    for (int64_t s = 0; s < sms; ++s) {
+      int64_t load = 0;
+      for (int64_t b = s; b < G; b += sms) load += base + (b < extra ? 1 : 0);
+      worst = load > worst ? load : worst;
+    }
+    return worst;
+  };
+  const int64_t rounds = (tiles + slots - 1) / slots, equal = (tiles + rounds - 1) / rounds;
+  return busiest(slots) < busiest(equal) ? slots : equal;
 }
 
 }  // namespace omniq::cuda::fq

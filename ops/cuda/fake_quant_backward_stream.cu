@@ -135,10 +135,9 @@ bool launch_backward_stream(const GroupLaunch& l, const TG* dy, const TX* x, con
     const int64_t per_tile = warp_teams ? block / l.team : 1;
     const int64_t tiles = (groups + per_tile - 1) / per_tile;
     if (tiles == 0) return true;  // nothing to do
-    // Every block gets the same number of tiles (±1 for the last round): a grid of all resident slots
-    // would leave most of them idle in a short last round while the others finish.
-    const int64_t slots = static_cast<int64_t>(occ) * sms, rounds = (tiles + slots - 1) / slots;
-    const int64_t grid = (tiles + rounds - 1) / rounds;
+    // The grid whose busiest SM has the fewest tiles (persistent_grid); which block runs which tile
+    // does not change the bits.
+    const int64_t grid = persistent_grid(tiles, occ, sms);
     kernel<<<static_cast<unsigned int>(grid), block, smem, ctx.stream>>>(dy, x, gp, bp, dgp, dbp, groups, n,
                                                                          warp_teams ? l.team : 0, cap, L);
     CUDA_CHECK_LAUNCH();

@@ -142,9 +142,9 @@ bool launch_lwc_update_stream(const GroupLaunch& l, const TG* dy, const TX* x, T
     const int64_t per_tile = warp_teams ? block / l.team : 1;
     const int64_t tiles = (groups + per_tile - 1) / per_tile;
     if (tiles == 0) return true;
-    // Every block gets the same number of tiles (±1 for the last round).
-    const int64_t slots = static_cast<int64_t>(occ) * sms, rounds = (tiles + slots - 1) / slots;
-    const int64_t grid = (tiles + rounds - 1) / rounds;
+    // The grid whose busiest SM has the fewest tiles (persistent_grid); which block runs which tile
+    // does not change the bits.
+    const int64_t grid = persistent_grid(tiles, occ, sms);
     kernel<<<static_cast<unsigned int>(grid), block, smem, ctx.stream>>>(dy, x, y, o, groups, n,
                                                                          warp_teams ? l.team : 0, cap, L);
     CUDA_CHECK_LAUNCH();

@@ -221,14 +221,17 @@ std::atomic<int> g_fwd_variant{0};  // 0: not decided yet (the environment is re
 }  // namespace
 
 void set_flash_forward_variant(int variant) {
-  OMNIQ_CHECK(variant == 1 || variant == 2, "set_flash_forward_variant: variant %d is not 1 or 2", variant);
+  OMNIQ_CHECK(variant >= 1 && variant <= 3, "set_flash_forward_variant: variant %d is not 1, 2 or 3", variant);
   g_fwd_variant.store(variant);
 }
 
 int flash_forward_variant() {
   return setting_or_env(g_fwd_variant, [] {
-    const char* env = std::getenv("OMNIQ_FLASH_FWD_V2");
-    return (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 2 : 1;
+    auto set = [](const char* name) {
+      const char* env = std::getenv(name);
+      return env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
+    };
+    return set("OMNIQ_FLASH_FWD_V3") ? 3 : set("OMNIQ_FLASH_FWD_V2") ? 2 : 1;
   });
 }
 
@@ -237,8 +240,9 @@ Tensor flash_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
   // D = 64 stays on v1 either way: v1 needs 128 registers there (4 CTAs = 16 warps per SM), v2's
   // 32-row warps 221-241 (8 warps per SM); the 2x fragment reuse is not expected to pay for half
   // the occupancy (not timed).
-  if (flash_forward_variant() == 1 || q.size(3) == 64)
-    return flash_attention_forward_v1(q, k, v, scale, causal, lse_out);
+  const int variant = flash_forward_variant();
+  if (variant == 3 && flash_forward_v3_available(q)) return flash_attention_forward_v3(q, k, v, scale, causal, lse_out);
+  if (variant != 2 || q.size(3) == 64) return flash_attention_forward_v1(q, k, v, scale, causal, lse_out);
   return flash_attention_forward_v2(q, k, v, scale, causal, lse_out);
 }
 

@@ -18,17 +18,22 @@ bool flash_attention_supported(const Tensor& q, const Tensor& k, const Tensor& v
 Tensor flash_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
                                Tensor* lse_out);
 
-// Two forward kernels, same results up to fp32 rounding (flash_attention_forward calls the selected
+// Three forward kernels, same results up to fp32 rounding (flash_attention_forward calls the selected
 // one): 1: 64-query CTAs, 16 rows per warp (ops/cuda/flash_attention.cu), the default (H100, 7B
 // MHA T = 2048: 0.153 ms vs 0.172 ms for 2, which spills); 2: 128-query CTAs, 32 rows per warp
-// (ops/cuda/flash_attention_forward_v2.cu), D = 128 only (D = 64 always takes 1).
-// OMNIQ_FLASH_FWD_V2 set to anything but "" or "0" picks 2 (read at the first query);
-// set_flash_forward_variant (1 or 2) wins over the environment.
+// (ops/cuda/flash_attention_forward_v2.cu), D = 128 only (D = 64 always takes 1); 3: Hopper wgmma,
+// 128-query CTAs of 2 warpgroups (ops/cuda/flash_attention_forward_v3.cu), D = 128 on sm_90 with an
+// sm_90a build only (flash_forward_v3_available; otherwise 1 runs).
+// OMNIQ_FLASH_FWD_V2 / OMNIQ_FLASH_FWD_V3 set to anything but "" or "0" pick 2 / 3 (read at the
+// first query); set_flash_forward_variant (1, 2 or 3) wins over the environment.
 void set_flash_forward_variant(int variant);
 int flash_forward_variant();
 Tensor flash_attention_forward_v1(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
                                   Tensor* lse_out);
 Tensor flash_attention_forward_v2(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
+                                  Tensor* lse_out);
+bool flash_forward_v3_available(const Tensor& q);
+Tensor flash_attention_forward_v3(const Tensor& q, const Tensor& k, const Tensor& v, float scale, bool causal,
                                   Tensor* lse_out);
 
 // dq, dk, dv in q's dtype from delta = rowsum(dout ⊙ out) [B,Hq,T] f32 and the forward's lse.
@@ -47,11 +52,14 @@ int flash_attention_kv_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int
 // Variant 2's (128-key CTAs, one resident per SM at D = 128): the fewest splits giving >= 3 CTAs per SM.
 int flash_attention_kv_splits_v2(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int sms);
 
-// Two backward kernels, same contract (flash_attention_backward calls the selected one):
+// Three backward kernels, same contract (flash_attention_backward calls the selected one):
 //   1: 64-key CTAs of 4 warps (ops/cuda/flash_attention_backward.cu), the previous default;
-//   2: 128-key CTAs of 8 warps (ops/cuda/flash_attention_backward_v2.cu), the default.
-// Process-wide; OMNIQ_FLASH_BWD_V1 set to anything but "" or "0" picks 1 (read at the first query);
-// set_flash_backward_variant (1 or 2) wins over the environment. For A/B timing and for tests.
+//   2: 128-key CTAs of 8 warps (ops/cuda/flash_attention_backward_v2.cu), the default;
+//   3: 128-key CTAs of 2 warpgroups, wgmma (ops/cuda/flash_attention_backward_v3.cu), where available
+//      (else 2 runs).
+// Process-wide; OMNIQ_FLASH_BWD_V1 / OMNIQ_FLASH_BWD_V3 set to anything but "" or "0" pick 1 / 3 (read
+// at the first query); set_flash_backward_variant (1, 2 or 3) wins over the environment. For A/B
+// timing and for tests.
 void set_flash_backward_variant(int variant);
 int flash_backward_variant();
 // Variant 2 computes a 64-query tile's Sᵀ/dPᵀ in 1 or 2 query chunks (same bits; 2, the default, holds
@@ -63,6 +71,11 @@ AttentionGrads flash_attention_backward_v1(const Tensor& dout, const Tensor& q, 
                                            const Tensor& delta, const Tensor& lse, float scale, bool causal,
                                            int kv_splits, bool deterministic);
 AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& delta, const Tensor& lse, float scale, bool causal,
+                                           int kv_splits, bool deterministic);
+// Variant 3: the wgmma kernel (D = 128, sm_90 GPU, sm_90a build; flash_backward_v3_available in
+// flash_attention_backward_v3.h) in variant 2's launch frame.
+AttentionGrads flash_attention_backward_v3(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                            const Tensor& delta, const Tensor& lse, float scale, bool causal,
                                            int kv_splits, bool deterministic);
 

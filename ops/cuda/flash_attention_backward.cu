@@ -41,6 +41,7 @@
 #include <cstring>
 
 #include "ops/cuda/flash_attention.h"
+#include "ops/cuda/flash_attention_backward_v3.h"
 #include "ops/cuda/flash_attention_common.cuh"
 #include "runtime/cuda_context.h"
 
@@ -361,29 +362,36 @@ AttentionGrads flash_attention_backward_v1(const Tensor& dout, const Tensor& q, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// variant switch (v1: the kernel above; v2: ops/cuda/flash_attention_backward_v2.cu)
+// variant switch (v1: the kernel above; v2: ops/cuda/flash_attention_backward_v2.cu; v3: the wgmma
+// kernel of flash_attention_backward_v3.cu, run by v2's launcher where available)
 
 namespace {
 std::atomic<int> g_bwd_variant{0};  // 0: not decided yet (the environment is read at the first query)
 }  // namespace
 
 void set_flash_backward_variant(int variant) {
-  OMNIQ_CHECK(variant == 1 || variant == 2, "set_flash_backward_variant: variant %d is not 1 or 2", variant);
+  OMNIQ_CHECK(variant >= 1 && variant <= 3, "set_flash_backward_variant: variant %d is not 1, 2 or 3", variant);
   g_bwd_variant.store(variant);
 }
 
 int flash_backward_variant() {
   return setting_or_env(g_bwd_variant, [] {
-    const char* env = std::getenv("OMNIQ_FLASH_BWD_V1");
-    return (env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0) ? 1 : 2;
+    auto set = [](const char* name) {
+      const char* env = std::getenv(name);
+      return env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
+    };
+    return set("OMNIQ_FLASH_BWD_V1") ? 1 : set("OMNIQ_FLASH_BWD_V3") ? 3 : 2;
   });
 }
 
 AttentionGrads flash_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& delta, const Tensor& lse, float scale, bool causal,
                                         int kv_splits, bool deterministic) {
-  if (flash_backward_variant() == 1)
+  const int variant = flash_backward_variant();
+  if (variant == 1)
     return flash_attention_backward_v1(dout, q, k, v, delta, lse, scale, causal, kv_splits, deterministic);
+  if (variant == 3 && flash_backward_v3_available(q))
+    return flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, kv_splits, deterministic);
   return flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, kv_splits, deterministic);
 }
 

@@ -44,6 +44,7 @@
 #include <cstring>
 
 #include "ops/cuda/flash_attention.h"
+#include "ops/cuda/flash_attention_backward_v3.h"
 #include "ops/cuda/flash_attention_common.cuh"
 #include "runtime/cuda_context.h"
 
@@ -404,9 +405,13 @@ int flash_backward_query_chunks() {
   });
 }
 
-AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                                           const Tensor& delta, const Tensor& lse, float scale, bool causal,
-                                           int kv_splits, bool deterministic) {
+namespace {
+
+// The launch frame of variants 2 and 3 (same grid, scratch, counters and converts); v3 runs the wgmma
+// kernel (flash_attention_backward_v3.cu) instead of this file's.
+AttentionGrads backward_frame(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                              const Tensor& delta, const Tensor& lse, float scale, bool causal, int kv_splits,
+                              bool deterministic, bool v3) {
   OMNIQ_CHECK(aligned16(v) && aligned16(dout), "flash_attention_backward: v %s / dout %s not 16-byte aligned",
               v.str().c_str(), dout.str().c_str());
   const Device dev = q.device();
@@ -458,10 +463,18 @@ AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, 
           flash_bwd_thread_fences());
       CUDA_CHECK_LAUNCH();
     };
-    if (flash_backward_query_chunks() == 1)
+    if (v3) {
+      const FlashBwdArgs a{q.data(), k.data(), v.data(), dout.data(), lse.data_as<float>(), delta.data_as<float>(),
+                           dq_f32, g.dq.data(), g.dk.data(), g.dv.data(),
+                           splits > 1 ? dk32.data_as<float>() : nullptr, splits > 1 ? dv32.data_as<float>() : nullptr,
+                           dq_ctr, kv_ctr, static_cast<int>(T), static_cast<int>(Hq), static_cast<int>(Hkv), splits,
+                           scale, scale * kLog2e, flash_bwd_thread_fences()};
+      launch_flash_bwd_v3(a, causal, q.dtype(), grid, stream);
+    } else if (flash_backward_query_chunks() == 1) {
       launch(flash_bwd_v2_kernel<E, kD, kC, 1>);
-    else
+    } else {
       launch(flash_bwd_v2_kernel<E, kD, kC, 2>);
+    }
     if (!deterministic) {
       const int64_t n = q.numel();
       scale_convert_v2_kernel<E><<<grid_for(n, 256), 256, 0, stream>>>(dq_f32, g.dq.data_as<E>(), n, scale);
@@ -478,6 +491,23 @@ AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, 
     }
   });
   return g;
+}
+
+}  // namespace
+
+AttentionGrads flash_attention_backward_v2(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& delta, const Tensor& lse, float scale, bool causal,
+                                           int kv_splits, bool deterministic) {
+  return backward_frame(dout, q, k, v, delta, lse, scale, causal, kv_splits, deterministic, false);
+}
+
+AttentionGrads flash_attention_backward_v3(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Tensor& delta, const Tensor& lse, float scale, bool causal,
+                                           int kv_splits, bool deterministic) {
+  OMNIQ_CHECK(flash_backward_v3_available(q),
+              "flash_attention_backward_v3: needs D = 128 on an sm_90 GPU and a build for sm_90a (got D = %lld)",
+              static_cast<long long>(q.size(3)));
+  return backward_frame(dout, q, k, v, delta, lse, scale, causal, kv_splits, deterministic, true);
 }
 
 }  // namespace omniq::cuda

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <type_traits>
 
+#include "ops/cuda/wgmma.cuh"
 #include "runtime/dtype.h"
 #include "runtime/tensor.h"
 
@@ -137,6 +138,22 @@ __device__ __forceinline__ void load_rows_async(E* s, const E* g, int64_t ldg, i
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const bool ok = r < rows_valid;
     cp_async16(s + r * (D + 8) + col, ok ? g + r * ldg + col : g, ok);
+  }
+}
+
+// ROWS x 128 16-bit elements from global rows `ldg` apart into the 128-byte swizzled tile layout of
+// the wgmma kernels (ops/cuda/wgmma.cuh), copied by THREADS threads; rows at or past rows_valid
+// become zeros (they add nothing and never NaN).
+template <typename E, int ROWS, int THREADS>
+__device__ __forceinline__ void load_swizzled(unsigned char* tile, const E* g, int64_t ldg, int rows_valid) {
+  constexpr int kChunks = 128 / 8;
+  static_assert(ROWS * kChunks % THREADS == 0, "tile copy must split evenly over the CTA");
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int c = threadIdx.x + i * THREADS;
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = r < rows_valid;
+    cp_async16(tile + wgmma::swizzled_offset(ROWS, r, col), ok ? g + r * ldg + col : g, ok);
   }
 }
 
