@@ -211,6 +211,30 @@ Var rope(Tape& t, const Var& x, float theta, int64_t pos_offset) {
   return y;
 }
 
+std::pair<Var, Var> rope_qk(Tape& t, const Var& q, const Var& k, float theta, int64_t pos_offset) {
+  RopeQk r = rope_forward_qk(q->value, k->value, theta, pos_offset);
+  Var qo = result(std::move(r.q)), ko = result(std::move(r.k));
+  // q's own node: runs only when k's node did not take q's gradient (k' does not reach the loss).
+  t.record({q}, qo, [q, theta, pos_offset](const Tensor& dqo) {
+    accumulate_grad(*q, rope_backward(dqo, theta, pos_offset));
+  });
+  // qo is held by its own node anyway (no cycle: a Var never refers to the tape).
+  t.record({k}, ko, [q, k, qo, theta, pos_offset](const Tensor& dko) {
+    // q's rotated gradient, taken over (so q's node is skipped); a parameter's gradient is never
+    // taken (an op output is not one; checked because taking it would lose the parameter's grad).
+    Tensor dqo;
+    if (qo->grad.defined() && !qo->is_parameter) dqo = std::move(qo->grad);
+    if (!dqo.defined()) {
+      accumulate_grad(*k, rope_backward(dko, theta, pos_offset));
+      return;
+    }
+    RopeQk g = rope_backward_qk(dqo, dko, theta, pos_offset);
+    accumulate_grad(*q, std::move(g.q));
+    accumulate_grad(*k, std::move(g.k));
+  });
+  return {std::move(qo), std::move(ko)};
+}
+
 Var swiglu(Tape& t, const Var& gate, const Var& up) {
   Var y = result(swiglu_forward(gate->value, up->value));
   t.record({gate, up}, y, [gate, up](const Tensor& dy) {
@@ -249,6 +273,30 @@ Var mse_loss(Tape& t, const Var& a, const Var& b) {
     accumulate_grad(*a, std::move(da));
   });
   return y;
+}
+
+Var mse_loss_rows(Tape& t, const Var& y, const std::vector<const Tensor*>& tables, const Tensor& row,
+                  const Tensor* loss_into) {
+  MseLossGrad r = mse_loss_rows_with_grad(y->value, tables, row, loss_into);
+  Var loss = result(std::move(r.loss));
+  // Saved until the backward moves it into y's gradient (as a fresh backward tensor would be).
+  auto dy = std::make_shared<Tensor>(std::move(r.dy));
+  const Tape* tape = &t;
+  const size_t index = t.size();  // this node's position on the tape, if recorded
+  t.record({y}, loss, [y, dy, tape, index](const Tensor& dloss) {
+    // dy was computed for d(loss) = 1: valid only for the tape's root. Any consumer of the loss that
+    // needs a gradient records a node after this one, so "last node" means nothing but the seed
+    // reaches it (its value is not read: that would be a host sync).
+    OMNIQ_CHECK(tape->size() == index + 1,
+                "mse_loss_rows: its loss must be the one Tape::backward starts from, but %zu node(s) were recorded "
+                "after it (use mse_loss for a loss that is combined further)",
+                tape->size() - index - 1);
+    OMNIQ_CHECK(dloss.numel() == 1 && dloss.dtype() == DType::f32, "mse_loss_rows: d(loss) %s is not an f32 scalar",
+                dloss.str().c_str());
+    OMNIQ_CHECK(dy->defined(), "mse_loss_rows: backward ran twice on the same tape (the gradient was handed over)");
+    accumulate_grad(*y, std::move(*dy));
+  });
+  return loss;
 }
 
 Var cross_entropy_mean(Tape& t, const Var& logits, const Tensor& targets) {

@@ -1,6 +1,8 @@
 // Differentiable functions: each runs an op's forward and records its backward on the tape when
 // an input requires a gradient. Shapes and dtypes follow the ops in ops/*.h.
 #pragma once
+#include <utility>
+
 #include "autograd/tape.h"
 #include "ops/elementwise.h"
 
@@ -38,6 +40,12 @@ Var reshape(Tape& t, const Var& x, const Shape& shape);
 Var rmsnorm(Tape& t, const Var& x, const Var& w, float eps);
 Var layernorm(Tape& t, const Var& x, const Var& w, const Var& b, float eps);
 Var rope(Tape& t, const Var& x, float theta, int64_t pos_offset = 0);
+// RoPE of an attention's q and k together: {rope(q), rope(k)} with the same bits, one CUDA launch
+// forward and one backward (ops/rope.h rope_forward_qk). Two nodes are recorded, q's then k's; k's
+// runs first in the backward and also takes q's rotated gradient if it has arrived (every consumer
+// of q' was recorded after this call, so by then it has), rotating both in one launch; q's node then
+// finds no gradient left and is skipped. If only q' reaches the loss, q's node rotates it alone.
+std::pair<Var, Var> rope_qk(Tape& t, const Var& q, const Var& k, float theta, int64_t pos_offset = 0);
 Var swiglu(Tape& t, const Var& gate, const Var& up);
 Var relu(Tape& t, const Var& x);
 // q [B,T,Hq,D], k/v [B,T,Hkv,D] -> [B,T,Hq,D]
@@ -46,5 +54,15 @@ Var attention(Tape& t, const Var& q, const Var& k, const Var& v, float scale, bo
 // Scalar losses (f32 [1]).
 Var mse_loss(Tape& t, const Var& a, const Var& b);
 Var cross_entropy_mean(Tape& t, const Var& logits, const Tensor& targets);
+// The block trainer's loss  Σ_i mse(y, tables[i][r])  for 1 or 2 target tables [N, ...] and the row
+// r = row[0] read on the device (ops/loss.h mse_loss_rows_with_grad): one pass computes the loss and
+// y's gradient for d(loss) = 1, bitwise what mse_loss(y, t_0) (+ add(·, mse_loss(y, t_1))) and
+// Tape::backward from a seed of 1 give. The backward only hands that gradient to y, which is right
+// only when the returned Var is the loss Tape::backward starts from and nothing on the tape is
+// computed from it: the backward checks that no node was recorded after this one (and that it
+// runs once). The tape must stay where it is (not moved) between recording and backward().
+// `loss_into`: see mse_loss_rows_with_grad (the loss Var's value is then a view of it).
+Var mse_loss_rows(Tape& t, const Var& y, const std::vector<const Tensor*>& tables, const Tensor& row,
+                  const Tensor* loss_into = nullptr);
 
 }  // namespace omniq::ag

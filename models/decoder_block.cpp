@@ -1,6 +1,7 @@
 #include "models/decoder_block.h"
 
 #include <cmath>
+#include <tuple>
 
 #include "autograd/functions.h"
 #include "runtime/error.h"
@@ -48,8 +49,7 @@ ag::Var self_attention(const BlockCtx& c, const ModelConfig& cfg, const ag::Var&
   ag::Var k = ag::reshape(c.t, c.linear("k_proj", x), {B, T, Hkv, D});
   ag::Var v = ag::reshape(c.t, c.linear("v_proj", x), {B, T, Hkv, D});
   if (cfg.is_llama()) {
-    q = ag::rope(c.t, q, static_cast<float>(cfg.rope_theta));
-    k = ag::rope(c.t, k, static_cast<float>(cfg.rope_theta));
+    std::tie(q, k) = ag::rope_qk(c.t, q, k, static_cast<float>(cfg.rope_theta));  // one launch for both
   }
   q = c.act("q", q);
   k = c.act("k", k);

@@ -1,6 +1,8 @@
 // Argument checks and device dispatch for the losses (the math lives in cpu/ and cuda/).
 #include "ops/loss.h"
 
+#include <cstdint>
+
 #include "runtime/error.h"
 
 namespace omniq {
@@ -110,6 +112,48 @@ Tensor mse_loss_backward(const Tensor& dloss, const Tensor& a, const Tensor& b) 
     cpu::mse_loss_backward(dloss, a, b, da);
   }
   return da;
+}
+
+MseLossGrad mse_loss_rows_with_grad(const Tensor& y, const std::vector<const Tensor*>& tables, const Tensor& row,
+                                    const Tensor* loss_into) {
+  const char* op = "mse_loss_rows_with_grad";
+  OMNIQ_CHECK(y.defined(), "%s: y is undefined", op);
+  check_float(y, op, "y");
+  OMNIQ_CHECK(y.numel() > 0, "%s: the mean of an empty tensor is undefined (%s)", op, y.str().c_str());
+  OMNIQ_CHECK(tables.size() == 1 || tables.size() == 2, "%s: takes 1 or 2 target tables, got %zu", op, tables.size());
+  for (const Tensor* tb : tables) {
+    OMNIQ_CHECK(tb != nullptr && tb->defined(), "%s: a target table is undefined", op);
+    OMNIQ_CHECK(tb->ndim() >= 1 && tb->size(0) > 0 && tb->numel() / tb->size(0) == y.numel(),
+                "%s: table %s must be [N, ...] with rows of y's %lld elements (y %s)", op, tb->str().c_str(),
+                static_cast<long long>(y.numel()), y.str().c_str());
+    OMNIQ_CHECK(tb->dtype() == y.dtype(), "%s: table %s must have y's dtype (y %s)", op, tb->str().c_str(),
+                y.str().c_str());
+    OMNIQ_CHECK(tb->size(0) <= INT32_MAX, "%s: table %s has more rows than an i32 row index reaches", op,
+                tb->str().c_str());
+    check_same_device(y, *tb, op);
+  }
+  OMNIQ_CHECK(row.defined(), "%s: row is undefined", op);
+  check_dtype(row, DType::i32, op, "row");
+  OMNIQ_CHECK(row.numel() == 1, "%s: row must be a single i32 index, got %s", op, row.str().c_str());
+  check_same_device(y, row, op);
+  if (loss_into) {
+    OMNIQ_CHECK(loss_into->defined() && loss_into->numel() == 1 && loss_into->dtype() == DType::f32,
+                "%s: loss_into must be a single f32 value, got %s", op, loss_into->str().c_str());
+    check_same_device(y, *loss_into, op);
+  }
+  MseLossGrad out;
+  out.loss = loss_into ? loss_into->alias() : Tensor::empty(Shape{1}, DType::f32, y.device());
+  out.dy = Tensor::empty(y.shape(), y.dtype(), y.device());
+  if (y.device().is_cuda()) {
+#ifdef OMNIQ_HAS_CUDA
+    cuda::mse_loss_rows_with_grad(y, tables, row, out.loss, out.dy);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    cpu::mse_loss_rows_with_grad(y, tables, row, out.loss, out.dy);
+  }
+  return out;
 }
 
 }  // namespace omniq

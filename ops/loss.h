@@ -2,6 +2,8 @@
 // during calibration), with their backward passes. All math is fp32 (the CPU reference accumulates
 // in double); logits / a / b may be f32 or bf16 (the CPU reference also takes f16).
 #pragma once
+#include <vector>
+
 #include "runtime/tensor.h"
 
 namespace omniq {
@@ -33,12 +35,36 @@ Tensor mse_loss_forward(const Tensor& a, const Tensor& b);
 // full-precision target, a constant).
 Tensor mse_loss_backward(const Tensor& dloss /*f32 [1]*/, const Tensor& a, const Tensor& b);
 
+// ---- the block trainer's loss: MSE against rows of target tables, value and gradient in one pass ----
+// y is the block output (m elements, e.g. [1, T, C]); `tables` holds 1 or 2 target tables, each
+// [N, ...] with rows of m elements (y's dtype, on y's device); `row` is i32 [1] on y's device and is
+// read THERE (a CUDA graph can replay the call while the host changes the row with a device copy).
+// With r = row[0] and t_i = tables[i] row r:
+//   loss = Σ_i mse_loss_forward(y, t_i)                          (f32 [1]; the terms added in fp32)
+//   dy   = Σ_i mse_loss_backward(1, y, t_i)   (each term in y's dtype, then added as the tape adds)
+// i.e. the value and y's gradient of  mse_loss(y, t_0) (+ mse_loss(y, t_1))  backpropagated from a
+// seed of 1 — bitwise (the CUDA kernel sums in the same order as mse_loss_forward, and rounds as
+// mse_loss_backward + add_inplace do) whenever y and the table rows are all 16-byte aligned or all
+// not (true for any row length m that is a multiple of 16 bytes), and without copying the rows out.
+// The CPU reference composes the ops above. A row outside [0, N): the CPU throws; CUDA cannot report
+// it without a host sync and returns a NaN loss and a NaN dy instead (the trainer's non-finite-loss
+// check then stops it). `loss_into` (optional, f32 [1] on y's device): the loss is written there and
+// the returned loss is a view of it (the trainer's fixed loss buffer: no copy per step).
+struct MseLossGrad {
+  Tensor loss;  // f32 [1], on y's device
+  Tensor dy;    // y's shape and dtype
+};
+MseLossGrad mse_loss_rows_with_grad(const Tensor& y, const std::vector<const Tensor*>& tables,
+                                    const Tensor& row /*i32 [1]*/, const Tensor* loss_into = nullptr);
+
 // ---- backends (arguments already validated by the functions above; call those instead) ----
 namespace cpu {
 void cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& nll);
 void cross_entropy_backward(const Tensor& dnll, const Tensor& logits, const Tensor& targets, Tensor& dlogits);
 void mse_loss_forward(const Tensor& a, const Tensor& b, Tensor& loss);
 void mse_loss_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor& da);
+void mse_loss_rows_with_grad(const Tensor& y, const std::vector<const Tensor*>& tables, const Tensor& row,
+                             Tensor& loss, Tensor& dy);
 }  // namespace cpu
 
 #ifdef OMNIQ_HAS_CUDA
@@ -47,6 +73,8 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& 
 void cross_entropy_backward(const Tensor& dnll, const Tensor& logits, const Tensor& targets, Tensor& dlogits);
 void mse_loss_forward(const Tensor& a, const Tensor& b, Tensor& loss);
 void mse_loss_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Tensor& da);
+void mse_loss_rows_with_grad(const Tensor& y, const std::vector<const Tensor*>& tables, const Tensor& row,
+                             Tensor& loss, Tensor& dy);
 }  // namespace cuda
 #endif
 

@@ -36,6 +36,16 @@ constexpr int64_t kRopeMaxHeadDim = 1024;  // the CUDA table kernel takes the D/
 Tensor rope_forward(const Tensor& x, float theta, int64_t pos_offset = 0);
 Tensor rope_backward(const Tensor& dy, float theta, int64_t pos_offset = 0);
 
+// q and k of one attention rotated together: q (B, T, Hq, D) and k (B, T, Hk, D) with the same B, T,
+// D, dtype and device (the head counts may differ: GQA). Bitwise the same as rope_forward(q) and
+// rope_forward(k) (resp. rope_backward) — the per-element math is identical — but on CUDA one
+// launch covers both tensors when both take the vectorised kernel (else it makes the two calls).
+struct RopeQk {
+  Tensor q, k;
+};
+RopeQk rope_forward_qk(const Tensor& q, const Tensor& k, float theta, int64_t pos_offset = 0);
+RopeQk rope_backward_qk(const Tensor& dq, const Tensor& dk, float theta, int64_t pos_offset = 0);
+
 // The D/2 fp32 inverse frequencies exactly as HF's LlamaRotaryEmbedding computes them.
 std::vector<float> rope_inv_freq(int64_t D, float theta);
 
@@ -46,6 +56,7 @@ Tensor rope(const Tensor& x, float theta, int64_t pos_offset, bool inverse);
 #ifdef OMNIQ_HAS_CUDA
 namespace cuda {
 Tensor rope(const Tensor& x, float theta, int64_t pos_offset, bool inverse);
+RopeQk rope_qk(const Tensor& q, const Tensor& k, float theta, int64_t pos_offset, bool inverse);
 }  // namespace cuda
 #endif
 

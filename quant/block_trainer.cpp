@@ -60,6 +60,13 @@ bool fused_lwc_per_channel() {
   return !(e != nullptr && std::strcmp(e, "0") == 0);
 }
 
+// OMNIQ_NO_FUSED_LOSS=1 keeps the composed loss on CUDA (the target rows copied into fixed buffers
+// each step, mse_loss forward and backward as separate passes): the A/B switch of ag::mse_loss_rows.
+bool fused_loss_disabled() {
+  const char* e = std::getenv("OMNIQ_NO_FUSED_LOSS");
+  return e != nullptr && std::strcmp(e, "1") == 0;
+}
+
 // Turns the quantizer's fused LWC mode off when training ends (also on an exception): its caches alias
 // the optimizer state that dies with train_block.
 struct FusedLwcGuard {
@@ -92,12 +99,29 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
   // whole step (forward, backward, AdamW: ~60 kernels) can be captured once as a CUDA graph and
   // replayed with one launch (see the epoch loop); without graphs (OMNIQ_NO_CUDA_GRAPH=1) the
   // same code runs eagerly, with the same kernels and bits.
+  //
+  // The loss (fused_loss): ag::mse_loss_rows reads the targets straight from the tables on the device
+  // at the row in row_buf (one 4-byte device copy per step instead of copying each 16 MB target row
+  // into fp_buf/aug_buf) and computes y's gradient in the same pass; bitwise the composed mse_loss.
+  // It needs the tables on the training device; otherwise (or with OMNIQ_NO_FUSED_LOSS=1) the rows
+  // are copied into fp_buf/aug_buf as before.
   const bool on_cuda = dev.is_cuda();
-  Tensor x_buf, fp_buf, aug_buf, loss_buf, scalars_buf, scalar_table;
+  const bool fused_loss = on_cuda && !fused_loss_disabled() && data.fp_outs->device() == dev &&
+                          (!data.aug_outs || data.aug_outs->device() == dev);
+  std::vector<const Tensor*> loss_tables{data.fp_outs};
+  if (data.aug_outs) loss_tables.push_back(data.aug_outs);
+  Tensor x_buf, fp_buf, aug_buf, row_buf, row_table, loss_buf, scalars_buf, scalar_table;
   if (on_cuda) {
     x_buf = Tensor::empty(q_inps.view_rows(0, 1).shape(), q_inps.dtype(), dev);
-    fp_buf = Tensor::empty(data.fp_outs->view_rows(0, 1).shape(), data.fp_outs->dtype(), dev);
-    if (data.aug_outs) aug_buf = Tensor::empty(data.aug_outs->view_rows(0, 1).shape(), data.aug_outs->dtype(), dev);
+    if (fused_loss) {
+      std::vector<int32_t> rows(static_cast<size_t>(n));
+      for (int64_t j = 0; j < n; ++j) rows[static_cast<size_t>(j)] = static_cast<int32_t>(j);
+      row_table = Tensor::from_i32(rows, {n}, dev);
+      row_buf = Tensor::zeros({1}, DType::i32, dev);
+    } else {
+      fp_buf = Tensor::empty(data.fp_outs->view_rows(0, 1).shape(), data.fp_outs->dtype(), dev);
+      if (data.aug_outs) aug_buf = Tensor::empty(data.aug_outs->view_rows(0, 1).shape(), data.aug_outs->dtype(), dev);
+    }
     loss_buf = Tensor::zeros({1}, DType::f32, dev);
     scalars_buf = Tensor::zeros({static_cast<int64_t>(opt.size()) * 7}, DType::f32, dev);
   }
@@ -125,19 +149,27 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
     result.fused_lwc_weights = bq.enable_fused_lwc_update(slots, scalars_buf);
   }
 
-  // One training step on sample j. On CUDA the sample is already in x_buf/fp_buf/aug_buf and the
-  // step's AdamW scalars in scalars_buf; the loss goes to loss_buf. Everything it allocates is freed
-  // before it returns (a captured graph then owns no memory between replays).
+  // One training step on sample j. On CUDA the sample is already in x_buf, its row index in row_buf
+  // (or its targets in fp_buf/aug_buf) and the step's AdamW scalars in scalars_buf; the loss goes to
+  // loss_buf. Everything it allocates is freed before it returns (a captured graph then owns no
+  // memory between replays).
   auto step_body = [&](int64_t j) {
     ag::Tape t;
     ag::Var x = ag::constant(on_cuda ? x_buf.alias() : q_inps.view_rows(j, 1));
     ag::Var y = decoder_block_forward(t, cfg, params, x, &bq);
-    ag::Var loss = ag::mse_loss(t, y, ag::constant(on_cuda ? fp_buf.alias() : data.fp_outs->view_rows(j, 1)));
-    if (data.aug_outs)
-      loss = ag::add(t, loss, ag::mse_loss(t, y, ag::constant(on_cuda ? aug_buf.alias() : data.aug_outs->view_rows(j, 1))));
+    ag::Var loss;
+    if (fused_loss) {
+      loss = ag::mse_loss_rows(t, y, loss_tables, row_buf, &loss_buf);  // the tape's root, as it requires
+    } else {
+      loss = ag::mse_loss(t, y, ag::constant(on_cuda ? fp_buf.alias() : data.fp_outs->view_rows(j, 1)));
+      if (data.aug_outs) {
+        ag::Var aug = ag::constant(on_cuda ? aug_buf.alias() : data.aug_outs->view_rows(j, 1));
+        loss = ag::add(t, loss, ag::mse_loss(t, y, aug));
+      }
+    }
     t.backward(loss);
-    if (on_cuda) loss_buf.copy_from(loss->value);
-    else losses.view_rows(j, 1).copy_from(loss->value);
+    if (!on_cuda) losses.view_rows(j, 1).copy_from(loss->value);
+    else if (!fused_loss) loss_buf.copy_from(loss->value);  // (the fused loss was written into loss_buf)
     std::vector<AdamWParam> updates;
     for (size_t i = 0; i < opt.size(); ++i) {
       OptimizedParam& p = opt[i];
@@ -183,8 +215,12 @@ BlockTrainingResult train_block(const ModelConfig& cfg, const QuantConfig& qc,
           continue;
         }
         x_buf.copy_from(q_inps.view_rows(j, 1));
-        fp_buf.copy_from(data.fp_outs->view_rows(j, 1));
-        if (data.aug_outs) aug_buf.copy_from(data.aug_outs->view_rows(j, 1));
+        if (fused_loss) {
+          row_buf.copy_from(row_table.view_rows(j, 1));
+        } else {
+          fp_buf.copy_from(data.fp_outs->view_rows(j, 1));
+          if (data.aug_outs) aug_buf.copy_from(data.aug_outs->view_rows(j, 1));
+        }
         scalars_buf.copy_from(scalar_table.view_rows(j, 1).reshape(scalars_buf.shape()));
 #ifdef OMNIQ_HAS_CUDA
         if (use_graph && !graph.ready() && step > 1) {

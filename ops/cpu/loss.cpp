@@ -82,4 +82,30 @@ void mse_loss_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Te
   da.copy_from(Tensor::from_f32(out, da.shape()));
 }
 
+// The specification of the fused op: the composition it replaces, term by term on the row views
+// (mse_loss_forward / mse_loss_backward with d(loss) = 1), the losses added in fp32 and the
+// gradients, each already in y's dtype, added in fp32 and rounded once more (as the tape's += does).
+void mse_loss_rows_with_grad(const Tensor& y, const std::vector<const Tensor*>& tables, const Tensor& row,
+                             Tensor& loss, Tensor& dy) {
+  const int32_t r = row.data_as<const int32_t>()[0];
+  const Tensor one = Tensor::full(Shape{1}, 1.0f, DType::f32);
+  float loss_sum = 0.0f;
+  std::vector<float> grad_sum(static_cast<size_t>(y.numel()), 0.0f);
+  for (size_t i = 0; i < tables.size(); ++i) {
+    const Tensor& table = *tables[i];
+    OMNIQ_CHECK(r >= 0 && r < table.size(0), "mse_loss_rows_with_grad: row %d is outside table %s", r,
+                table.str().c_str());
+    const Tensor target = table.view_rows(r, 1).reshape(y.shape());
+    Tensor term = Tensor::empty(Shape{1}, DType::f32);
+    mse_loss_forward(y, target, term);
+    Tensor da = Tensor::empty(y.shape(), y.dtype());
+    mse_loss_backward(one, y, target, da);
+    loss_sum = i == 0 ? term.data_as<const float>()[0] : loss_sum + term.data_as<const float>()[0];
+    const std::vector<float> g = da.to_f32_vector();
+    for (size_t k = 0; k < g.size(); ++k) grad_sum[k] = i == 0 ? g[k] : grad_sum[k] + g[k];
+  }
+  loss.data_as<float>()[0] = loss_sum;
+  dy.copy_from(Tensor::from_f32(grad_sum, y.shape(), y.dtype()));
+}
+
 }  // namespace omniq::cpu

@@ -231,7 +231,7 @@ int flash_forward_variant() {
       const char* env = std::getenv(name);
       return env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
     };
-    return set("OMNIQ_FLASH_FWD_V3") ? 3 : set("OMNIQ_FLASH_FWD_V2") ? 2 : 1;
+    return set("OMNIQ_FLASH_FWD_V1") ? 1 : set("OMNIQ_FLASH_FWD_V2") ? 2 : 3;
   });
 }
 

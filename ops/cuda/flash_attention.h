@@ -19,12 +19,12 @@ Tensor flash_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
                                Tensor* lse_out);
 
 // Three forward kernels, same results up to fp32 rounding (flash_attention_forward calls the selected
-// one): 1: 64-query CTAs, 16 rows per warp (ops/cuda/flash_attention.cu), the default (H100, 7B
-// MHA T = 2048: 0.153 ms vs 0.172 ms for 2, which spills); 2: 128-query CTAs, 32 rows per warp
-// (ops/cuda/flash_attention_forward_v2.cu), D = 128 only (D = 64 always takes 1); 3: Hopper wgmma,
-// 128-query CTAs of 2 warpgroups (ops/cuda/flash_attention_forward_v3.cu), D = 128 on sm_90 with an
-// sm_90a build only (flash_forward_v3_available; otherwise 1 runs).
-// OMNIQ_FLASH_FWD_V2 / OMNIQ_FLASH_FWD_V3 set to anything but "" or "0" pick 2 / 3 (read at the
+// one): 1: 64-query CTAs, 16 rows per warp (ops/cuda/flash_attention.cu); 2: 128-query CTAs, 32
+// rows per warp (ops/cuda/flash_attention_forward_v2.cu), D = 128 only (D = 64 always takes 1); 3,
+// the default: Hopper wgmma, 128-query CTAs of 2 warpgroups (ops/cuda/flash_attention_forward_v3.cu),
+// D = 128 on sm_90 with an sm_90a build only (flash_forward_v3_available; otherwise 1 runs).
+// H100, 7B MHA T = 2048: v3 0.137 ms, v1 0.153, v2 0.172 (it spills).
+// OMNIQ_FLASH_FWD_V1 / OMNIQ_FLASH_FWD_V2 set to anything but "" or "0" pick 1 / 2 (read at the
 // first query); set_flash_forward_variant (1, 2 or 3) wins over the environment.
 void set_flash_forward_variant(int variant);
 int flash_forward_variant();
@@ -53,11 +53,11 @@ int flash_attention_kv_splits(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int
 int flash_attention_kv_splits_v2(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, int sms);
 
 // Three backward kernels, same contract (flash_attention_backward calls the selected one):
-//   1: 64-key CTAs of 4 warps (ops/cuda/flash_attention_backward.cu), the previous default;
-//   2: 128-key CTAs of 8 warps (ops/cuda/flash_attention_backward_v2.cu), the default;
-//   3: 128-key CTAs of 2 warpgroups, wgmma (ops/cuda/flash_attention_backward_v3.cu), where available
-//      (else 2 runs).
-// Process-wide; OMNIQ_FLASH_BWD_V1 / OMNIQ_FLASH_BWD_V3 set to anything but "" or "0" pick 1 / 3 (read
+//   1: 64-key CTAs of 4 warps (ops/cuda/flash_attention_backward.cu);
+//   2: 128-key CTAs of 8 warps (ops/cuda/flash_attention_backward_v2.cu);
+//   3, the default: 128-key CTAs of 2 warpgroups, wgmma (ops/cuda/flash_attention_backward_v3.cu),
+//      where available (else 2 runs). H100, 7B MHA T = 2048, deterministic: v3 0.605 ms, v2 0.671.
+// Process-wide; OMNIQ_FLASH_BWD_V1 / OMNIQ_FLASH_BWD_V2 set to anything but "" or "0" pick 1 / 2 (read
 // at the first query); set_flash_backward_variant (1, 2 or 3) wins over the environment. For A/B
 // timing and for tests.
 void set_flash_backward_variant(int variant);

@@ -380,7 +380,7 @@ int flash_backward_variant() {
       const char* env = std::getenv(name);
       return env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
     };
-    return set("OMNIQ_FLASH_BWD_V1") ? 1 : set("OMNIQ_FLASH_BWD_V3") ? 3 : 2;
+    return set("OMNIQ_FLASH_BWD_V1") ? 1 : set("OMNIQ_FLASH_BWD_V2") ? 2 : 3;
   });
 }
 

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "ops/cuda/elementwise_util.cuh"
 #include "ops/loss.h"
@@ -200,6 +201,94 @@ __global__ void mse_backward_kernel(const T* __restrict__ a, const T* __restrict
   for (int64_t i = npacks * kVec + tid; i < n; i += nthreads) da[i] = from_f32<T>((to_f32(a[i]) - to_f32(b[i])) * scale);
 }
 
+// The block trainer's loss (mse_loss_rows_with_grad): the partial sums of mse_partial_kernel and
+// the gradient of mse_backward_kernel (d(loss) = 1) in one pass that reads y once and each target
+// straight from its table at the device-side row index, instead of copying the row into a buffer,
+// then reading y and the target twice (forward, backward). Per table k the partial sums are those
+// of mse_partial_kernel bit for bit: the same grid (set by the launcher), the same packs per thread
+// in the same order, the same fp32 expression per pack and the same block reduction. The gradient
+// term of each table is mse_backward_kernel's value with scale = two_over_n (= two_over_n · 1.0f),
+// rounded to T; two terms are added as add_inplace adds them (fp32, no FMA), then rounded again.
+// partial is [kTables][gridDim.x]. A row outside [0, nrows) gives NaN partials and a NaN gradient.
+template <typename T, int kVec, int kTables>
+__global__ void mse_rows_grad_kernel(const T* __restrict__ y, const T* __restrict__ table0,
+                                     const T* __restrict__ table1, const int32_t* __restrict__ row, int64_t nrows,
+                                     int64_t m, float two_over_n, double* __restrict__ partial, T* __restrict__ dy) {
+  __shared__ double smem[32];
+  const int32_t r = row[0];
+  const bool bad = r < 0 || r >= nrows;
+  const int64_t offset = bad ? 0 : static_cast<int64_t>(r) * m;
+  const float scale = bad ? NAN : two_over_n;
+  const T* t0 = table0 + offset;
+  const T* t1 = kTables == 2 ? table1 + offset : nullptr;
+  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t npacks = m / kVec;
+  double acc0 = 0.0, acc1 = 0.0;
+  for (int64_t p = tid; p < npacks; p += nthreads) {
+    float yv[kVec], av[kVec], bv[kVec], o[kVec];
+    ew::load_n<kVec>(y + p * kVec, yv);
+    ew::load_n<kVec>(t0 + p * kVec, av);
+    if constexpr (kTables == 2) ew::load_n<kVec>(t1 + p * kVec, bv);
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      s0 += (yv[i] - av[i]) * (yv[i] - av[i]);  // as mse_partial_kernel (the same contraction)
+      const float g0 = (yv[i] - av[i]) * scale;
+      if constexpr (kTables == 2) {
+        s1 += (yv[i] - bv[i]) * (yv[i] - bv[i]);
+        const float g1 = (yv[i] - bv[i]) * scale;
+        o[i] = __fadd_rn(to_f32(from_f32<T>(g0)), to_f32(from_f32<T>(g1)));
+      } else {
+        o[i] = g0;
+      }
+    }
+    acc0 += s0;
+    if constexpr (kTables == 2) acc1 += s1;
+    ew::store_n<kVec>(dy + p * kVec, o);
+  }
+  for (int64_t i = npacks * kVec + tid; i < m; i += nthreads) {
+    const float yi = to_f32(y[i]);
+    const float d0 = yi - to_f32(t0[i]);
+    acc0 += d0 * d0;
+    const float g0 = d0 * scale;
+    if constexpr (kTables == 2) {
+      const float d1 = yi - to_f32(t1[i]);
+      acc1 += d1 * d1;
+      const float g1 = d1 * scale;
+      dy[i] = from_f32<T>(__fadd_rn(to_f32(from_f32<T>(g0)), to_f32(from_f32<T>(g1))));
+    } else {
+      dy[i] = from_f32<T>(g0);
+    }
+  }
+  acc0 = block_sum_double(acc0, smem);
+  if (threadIdx.x == 0) partial[blockIdx.x] = bad ? NAN : acc0;
+  if constexpr (kTables == 2) {
+    __syncthreads();  // smem is reused
+    acc1 = block_sum_double(acc1, smem);
+    if (threadIdx.x == 0) partial[gridDim.x + blockIdx.x] = bad ? NAN : acc1;
+  }
+}
+
+// loss[0] = Σ_k (Σ partial_k / n) in fp32: mse_final_kernel's sum per table, the terms added as
+// the autograd add of the two losses adds them.
+template <int kTables>
+__global__ void mse_rows_final_kernel(const double* __restrict__ partial, int nparts, int64_t n,
+                                      float* __restrict__ loss) {
+  __shared__ double smem[32];
+  float total = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kTables; ++k) {
+    if (k > 0) __syncthreads();  // smem is reused
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < nparts; i += blockDim.x) acc += partial[k * nparts + i];
+    acc = block_sum_double(acc, smem);
+    const float term = static_cast<float>(acc / static_cast<double>(n));
+    total = k == 0 ? term : __fadd_rn(total, term);
+  }
+  if (threadIdx.x == 0) loss[0] = total;
+}
+
 // =============================================================================================
 // kernel launchers
 // =============================================================================================
@@ -209,6 +298,13 @@ constexpr int kWarpRowsPerBlock = 8;
 constexpr int kBlockRowThreads = 512;
 constexpr int kMseBlock = 256;
 constexpr int kMseMaxBlocks = 1024;
+
+// The grid of the MSE partial sums. It depends only on n, so the summation order (and the result's
+// bits) is reproducible; mse_loss_rows_with_grad uses it too, to reproduce mse_loss_forward.
+int mse_grid(int64_t n) {
+  return static_cast<int>(
+      std::min<int64_t>(std::max<int64_t>((n + kMseBlock * 16 - 1) / (kMseBlock * 16), 1), kMseMaxBlocks));
+}
 
 template <typename F>
 void with_dtype(DType dt, const char* op, F&& f) {
@@ -273,9 +369,7 @@ void mse_loss_forward(const Tensor& a, const Tensor& b, Tensor& loss) {
   const char* op = "mse_loss_forward";
   const int64_t n = a.numel();
   CudaContext& ctx = cuda_context(a.device());
-  // The grid depends only on n, so the summation order (and the result's bits) is reproducible.
-  const int nblocks = static_cast<int>(std::min<int64_t>(std::max<int64_t>((n + kMseBlock * 16 - 1) / (kMseBlock * 16), 1),
-                                                          kMseMaxBlocks));
+  const int nblocks = mse_grid(n);
   Tensor scratch = Tensor::empty(Shape{2 * static_cast<int64_t>(nblocks)}, DType::f32, a.device());  // nblocks doubles
   double* partial = static_cast<double*>(scratch.data());
   with_dtype(a.dtype(), op, [&](auto* tag) {
@@ -307,6 +401,48 @@ void mse_loss_backward(const Tensor& dloss, const Tensor& a, const Tensor& b, Te
                                                                  da.data_as<T>(), n);
       CUDA_CHECK_LAUNCH();
     });
+  });
+}
+
+void mse_loss_rows_with_grad(const Tensor& y, const std::vector<const Tensor*>& tables, const Tensor& row,
+                             Tensor& loss, Tensor& dy) {
+  const char* op = "mse_loss_rows_with_grad";
+  const int64_t m = y.numel();
+  const int ntables = static_cast<int>(tables.size());
+  CudaContext& ctx = cuda_context(y.device());
+  // mse_loss_forward's grid: the partial sums (and the loss's bits) are a function of m alone.
+  const int nblocks = mse_grid(m);
+  Tensor scratch = Tensor::empty(Shape{2 * static_cast<int64_t>(ntables) * nblocks}, DType::f32, y.device());
+  double* partial = static_cast<double*>(scratch.data());
+  const float two_over_n = static_cast<float>(2.0 / static_cast<double>(m));  // as mse_loss_backward
+  // Every row of a table is 16-byte aligned when its base is and a row is a whole number of 16-byte
+  // vectors; the vector width must be the one mse_loss_forward would pick for (y, a copied row),
+  // which is 16-byte aligned: so the rows must be too, or y must not be (then both go element-wise).
+  bool vec = ew::aligned16(y.data()) && ew::aligned16(dy.data());
+  for (const Tensor* tb : tables)
+    vec = vec && ew::aligned16(tb->data()) && (m * static_cast<int64_t>(dtype_size(y.dtype()))) % 16 == 0;
+  const Tensor* t1 = ntables == 2 ? tables[1] : tables[0];
+  with_dtype(y.dtype(), op, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    auto launch = [&](auto vec_tag, auto tables_tag) {
+      constexpr int kVec = decltype(vec_tag)::value ? static_cast<int>(16 / sizeof(T)) : 1;
+      constexpr int kTables = decltype(tables_tag)::value;
+      mse_rows_grad_kernel<T, kVec, kTables><<<nblocks, kMseBlock, 0, ctx.stream>>>(
+          y.data_as<const T>(), tables[0]->data_as<const T>(), t1->data_as<const T>(), row.data_as<const int32_t>(),
+          tables[0]->size(0), m, two_over_n, partial, dy.data_as<T>());
+      CUDA_CHECK_LAUNCH();
+      mse_rows_final_kernel<kTables><<<1, kMseBlock, 0, ctx.stream>>>(partial, nblocks, m, loss.data_as<float>());
+      CUDA_CHECK_LAUNCH();
+    };
+    using One = std::integral_constant<int, 1>;
+    using Two = std::integral_constant<int, 2>;
+    if (vec) {
+      if (ntables == 2) launch(std::true_type{}, Two{});
+      else launch(std::true_type{}, One{});
+    } else {
+      if (ntables == 2) launch(std::false_type{}, Two{});
+      else launch(std::false_type{}, One{});
+    }
   });
 }
 

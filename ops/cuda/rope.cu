@@ -95,52 +95,74 @@ constexpr int kHeadsPerThread = 4;
 // parallelism: 2·kHeads 16-byte loads in flight per thread). Needs half % kVec == 0 and 16-byte
 // aligned x/out (the launcher checks).
 template <typename T, typename I>
+__device__ __forceinline__ void rope_vec_item(const T* __restrict__ x, T* __restrict__ out,
+                                              const float2* __restrict__ cs, I idx, I chunks, I groups, I H, I T_len,
+                                              I half, I row0, float sign) {
+  constexpr int kVec = 16 / sizeof(T);
+  const I j = idx % chunks;
+  const I rest = idx / chunks;
+  const I g = rest % groups;
+  const I bt = rest / groups;  // b * T + t
+  const I t = bt % T_len;
+  const I i0 = j * kVec;
+  float c[kVec], s[kVec];
+  const float4* tp = reinterpret_cast<const float4*>(cs + (t + row0) * half + i0);
+#pragma unroll
+  for (int q = 0; q < kVec / 2; ++q) {
+    const float4 v = tp[q];  // (c, s) of frequencies i0 + 2q and i0 + 2q + 1
+    c[2 * q] = v.x;
+    s[2 * q] = sign * v.y;
+    c[2 * q + 1] = v.z;
+    s[2 * q + 1] = sign * v.w;
+  }
+  // Raw 16-byte packs (4 registers each), converted when used: half the registers of fp32 copies.
+  uint4 r1[kHeadsPerThread], r2[kHeadsPerThread];
+#pragma unroll
+  for (int k = 0; k < kHeadsPerThread; ++k) {
+    const I h = g * kHeadsPerThread + k;
+    if (h < H) {
+      const I base = (bt * H + h) * 2 * half + i0;
+      r1[k] = *reinterpret_cast<const uint4*>(x + base);
+      r2[k] = *reinterpret_cast<const uint4*>(x + base + half);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kHeadsPerThread; ++k) {
+    const I h = g * kHeadsPerThread + k;
+    if (h < H) {
+      const T* x1 = reinterpret_cast<const T*>(&r1[k]);
+      const T* x2 = reinterpret_cast<const T*>(&r2[k]);
+      float o1[kVec], o2[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) rotate(to_f32(x1[e]), to_f32(x2[e]), c[e], s[e], o1[e], o2[e]);
+      const I base = (bt * H + h) * 2 * half + i0;
+      ew::store_n<kVec>(out + base, o1);
+      ew::store_n<kVec>(out + base + half, o2);
+    }
+  }
+}
+
+template <typename T, typename I>
 __global__ void rope_apply_vec_kernel(const T* __restrict__ x, T* __restrict__ out, const float2* __restrict__ cs,
                                       I items, I chunks, I groups, I H, I T_len, I half, I row0, float sign) {
-  constexpr int kVec = 16 / sizeof(T);
   for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < items;
+       idx += static_cast<I>(gridDim.x) * blockDim.x)
+    rope_vec_item<T, I>(x, out, cs, idx, chunks, groups, H, T_len, half, row0, sign);
+}
+
+// q and k of one attention in one launch (rope_qk): the work items of q, then those of k, each
+// exactly rope_apply_vec_kernel's item (same loads, same math, same bits); only the head count
+// (and so the head groups) differs between the two (GQA). Saves a launch and a ramp/tail per call.
+template <typename T, typename I>
+__global__ void rope_apply_vec_qk_kernel(const T* __restrict__ q, T* __restrict__ q_out, I q_items, I q_groups, I Hq,
+                                         const T* __restrict__ k, T* __restrict__ k_out, I k_items, I k_groups, I Hk,
+                                         const float2* __restrict__ cs, I chunks, I T_len, I half, I row0,
+                                         float sign) {
+  for (I idx = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; idx < q_items + k_items;
        idx += static_cast<I>(gridDim.x) * blockDim.x) {
-    const I j = idx % chunks;
-    const I rest = idx / chunks;
-    const I g = rest % groups;
-    const I bt = rest / groups;  // b * T + t
-    const I t = bt % T_len;
-    const I i0 = j * kVec;
-    float c[kVec], s[kVec];
-    const float4* tp = reinterpret_cast<const float4*>(cs + (t + row0) * half + i0);
-#pragma unroll
-    for (int q = 0; q < kVec / 2; ++q) {
-      const float4 v = tp[q];  // (c, s) of frequencies i0 + 2q and i0 + 2q + 1
-      c[2 * q] = v.x;
-      s[2 * q] = sign * v.y;
-      c[2 * q + 1] = v.z;
-      s[2 * q + 1] = sign * v.w;
-    }
-    // Raw 16-byte packs (4 registers each), converted when used: half the registers of fp32 copies.
-    uint4 r1[kHeadsPerThread], r2[kHeadsPerThread];
-#pragma unroll
-    for (int k = 0; k < kHeadsPerThread; ++k) {
-      const I h = g * kHeadsPerThread + k;
-      if (h < H) {
-        const I base = (bt * H + h) * 2 * half + i0;
-        r1[k] = *reinterpret_cast<const uint4*>(x + base);
-        r2[k] = *reinterpret_cast<const uint4*>(x + base + half);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kHeadsPerThread; ++k) {
-      const I h = g * kHeadsPerThread + k;
-      if (h < H) {
-        const T* x1 = reinterpret_cast<const T*>(&r1[k]);
-        const T* x2 = reinterpret_cast<const T*>(&r2[k]);
-        float o1[kVec], o2[kVec];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) rotate(to_f32(x1[e]), to_f32(x2[e]), c[e], s[e], o1[e], o2[e]);
-        const I base = (bt * H + h) * 2 * half + i0;
-        ew::store_n<kVec>(out + base, o1);
-        ew::store_n<kVec>(out + base + half, o2);
-      }
-    }
+    const bool is_q = idx < q_items;  // selects, not branches: one copy of the item's code
+    rope_vec_item<T, I>(is_q ? q : k, is_q ? q_out : k_out, cs, is_q ? idx : idx - q_items, chunks,
+                        is_q ? q_groups : k_groups, is_q ? Hq : Hk, T_len, half, row0, sign);
   }
 }
 
@@ -287,6 +309,54 @@ Tensor rope(const Tensor& x, float theta, int64_t pos_offset, bool inverse) {
     } else {
       rope_apply_kernel<T, int64_t><<<ew::stride_grid(pairs, ctx), ew::kBlock, 0, ctx.stream>>>(
           xp, op, cs, pairs, T_len, H, half, row0, sign);
+    }
+    CUDA_CHECK_LAUNCH();
+  });
+  return out;  // temp (if any) is freed stream-ordered, after the kernel
+}
+
+RopeQk rope_qk(const Tensor& q, const Tensor& k, float theta, int64_t pos_offset, bool inverse) {
+  const int64_t B = q.size(0), T_len = q.size(1), Hq = q.size(2), Hk = k.size(2), D = q.size(3), half = D / 2;
+  const int64_t q_pairs = B * T_len * Hq * half, k_pairs = B * T_len * Hk * half;
+  const int64_t pack = 16 / static_cast<int64_t>(dtype_size(q.dtype()));
+  // The one-launch kernel covers the vectorised layout only; anything else (odd D/2, unaligned views,
+  // an empty tensor) takes two rope() calls, whose kernels give the same bits.
+  if (q.dtype() != DType::f32 && q.dtype() != DType::bf16) {
+    return {rope(q, theta, pos_offset, inverse), rope(k, theta, pos_offset, inverse)};
+  }
+  RopeQk out{Tensor::empty(q.shape(), q.dtype(), q.device()), Tensor::empty(k.shape(), k.dtype(), k.device())};
+  const bool vec = half % pack == 0 && ew::aligned16(q.data()) && ew::aligned16(k.data()) &&
+                   ew::aligned16(out.q.data()) && ew::aligned16(out.k.data());
+  if (!vec || q_pairs == 0 || k_pairs == 0) {
+    return {rope(q, theta, pos_offset, inverse), rope(k, theta, pos_offset, inverse)};
+  }
+  CudaContext& ctx = cuda_context(q.device());
+  Tensor temp;
+  int64_t row0 = 0;
+  const float2* cs = table_for(q, D, theta, pos_offset, T_len, ctx, temp, row0);
+  const float sign = inverse ? -1.0f : 1.0f;
+  const int64_t chunks = half / pack;
+  const int64_t q_groups = (Hq + kHeadsPerThread - 1) / kHeadsPerThread;
+  const int64_t k_groups = (Hk + kHeadsPerThread - 1) / kHeadsPerThread;
+  const int64_t q_items = B * T_len * q_groups * chunks, k_items = B * T_len * k_groups * chunks;
+  // As rope(): every element index, table index and (here) the item count fit in 32 bits.
+  const bool small = 2 * std::max(q_pairs, k_pairs) < (int64_t{1} << 31) &&
+                     (row0 + T_len) * half < (int64_t{1} << 31) && q_items + k_items < (int64_t{1} << 31);
+  const unsigned int grid = ew::stride_grid(q_items + k_items, ctx);
+  ew::dispatch_f32_bf16(q.dtype(), inverse ? "rope_backward_qk" : "rope_forward_qk", [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    const T* qp = static_cast<const T*>(q.data());
+    const T* kp = static_cast<const T*>(k.data());
+    if (small) {
+      using I = uint32_t;
+      rope_apply_vec_qk_kernel<T, I><<<grid, ew::kBlock, 0, ctx.stream>>>(
+          qp, out.q.data_as<T>(), static_cast<I>(q_items), static_cast<I>(q_groups), static_cast<I>(Hq), kp,
+          out.k.data_as<T>(), static_cast<I>(k_items), static_cast<I>(k_groups), static_cast<I>(Hk), cs,
+          static_cast<I>(chunks), static_cast<I>(T_len), static_cast<I>(half), static_cast<I>(row0), sign);
+    } else {
+      rope_apply_vec_qk_kernel<T, int64_t><<<grid, ew::kBlock, 0, ctx.stream>>>(
+          qp, out.q.data_as<T>(), q_items, q_groups, Hq, kp, out.k.data_as<T>(), k_items, k_groups, Hk, cs, chunks,
+          T_len, half, row0, sign);
     }
     CUDA_CHECK_LAUNCH();
   });
