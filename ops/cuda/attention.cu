@@ -17,8 +17,6 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "ops/attention.h"
@@ -119,77 +117,6 @@ __global__ void attn_delta_kernel(const T* __restrict__ dout, const T* __restric
   }
 }
 
-// attn_delta_kernel's δ with 16-byte loads and several rows per warp, bitwise the same. A warp owns
-// kRows consecutive rows, which are contiguous in memory (kRows·D elements of dO and of O): it loads
-// them with coalesced 16-byte vectors (all loads issued before any use: up to 4 per lane per tensor
-// in flight, where the scalar kernel had D/32 2-byte loads per lane and one row per warp), parks them
-// in its slice of shared memory, and then every lane sums exactly the elements and in exactly the
-// order the scalar kernel's lane does (d = lane, lane + 32, ...: 64 or 128 contiguous bytes per warp
-// read, conflict-free), with the same expression and the same butterfly. So δ keeps its bits; only
-// the way the bytes arrive changes. Needs D·sizeof(T) % 16 == 0, kRows·D·sizeof(T) <= 2 KB and
-// 16-byte aligned dO and O (the launcher checks; otherwise attn_delta_kernel runs).
-// Napkin math (LLaMA-7B step, bf16 [2048, 32, 128]): 2 × 16 MB read, ~10 µs at 3.35 TB/s; the
-// scalar kernel took 18.2 µs (55% of peak), mostly from 65536 one-row warps with little in flight.
-constexpr int kDeltaWarps = 8;              // warps per block
-constexpr int kDeltaChunkBytes = 2048;      // per warp and tensor: 8 rows of D = 128 bf16
-constexpr int kDeltaLoads = kDeltaChunkBytes / 16 / 32;  // 16-byte loads per lane and tensor
-
-template <typename T, int kRows>
-__global__ void __launch_bounds__(kDeltaWarps * 32)
-attn_delta_vec_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta, int64_t rows,
-                      int64_t Tn, int64_t Hq, int64_t D) {
-  extern __shared__ uint4 delta_smem[];  // per warp: kRows·D elements of dO, then of O
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t r0 = (blockIdx.x * static_cast<int64_t>(kDeltaWarps) + warp) * kRows;
-  if (r0 >= rows) return;  // uniform per warp; only __syncwarp follows
-  const int nrows = static_cast<int>(rows - r0 < kRows ? rows - r0 : kRows);
-  const int row_vecs = static_cast<int>(D * static_cast<int64_t>(sizeof(T)) / 16);  // 16-byte vectors per row
-  const int nvec = nrows * row_vecs;
-  uint4* s_do = delta_smem + static_cast<int64_t>(warp) * 2 * kRows * row_vecs;
-  uint4* s_o = s_do + kRows * row_vecs;
-  const uint4* g_do = reinterpret_cast<const uint4*>(dout + r0 * D);
-  const uint4* g_o = reinterpret_cast<const uint4*>(out + r0 * D);
-  uint4 a[kDeltaLoads], b[kDeltaLoads];
-#pragma unroll
-  for (int i = 0; i < kDeltaLoads; ++i) {
-    const int v = lane + 32 * i;
-    if (v < nvec) {
-      a[i] = g_do[v];
-      b[i] = g_o[v];
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kDeltaLoads; ++i) {
-    const int v = lane + 32 * i;
-    if (v < nvec) {
-      s_do[v] = a[i];
-      s_o[v] = b[i];
-    }
-  }
-  __syncwarp();
-  const T* e_do = reinterpret_cast<const T*>(s_do);
-  const T* e_o = reinterpret_cast<const T*>(s_o);
-  float s[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    s[r] = 0.f;
-    if (r < nrows)
-      // The scalar kernel's expression and order (the same fp32 FMA chain per lane).
-      for (int64_t d = lane; d < D; d += 32) s[r] += to_f32(e_do[r * D + d]) * to_f32(e_o[r * D + d]);
-  }
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) s[r] = warp_sum(s[r]);  // independent rows: the shuffles overlap
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (r < nrows) {
-        const int64_t row = r0 + r, h = row % Hq, bt = row / Hq;
-        delta[((bt / Tn) * Hq + h) * Tn + bt % Tn] = s[r];
-      }
-    }
-  }
-}
-
 // Attention backward row kernel for one batch element, one block per row r = h·T + i of [Hq·T, T]:
 //   P = exp(S − lse[r]) masked (S already holds scale·q·k),  dS = P ⊙ (dP − delta[r]).
 // P may alias S and dS may alias dP (fp32 case): each element is read, then written, by one thread.
@@ -222,47 +149,6 @@ void with_float_type(DType dt, F&& f) {
     case DType::f16: f(static_cast<__half*>(nullptr)); break;
     default: OMNIQ_FAIL("CUDA attention: unsupported dtype %s", dtype_name(dt));
   }
-}
-
-// δ = rowsum(dO ⊙ O) into delta [B, Hq, T] (rows = B·T·Hq rows of D). The vectorised kernel when the
-// layout allows it, else the scalar one; OMNIQ_ATTN_DELTA_SCALAR=1 forces the scalar one (the A/B
-// switch, read at every call so a test can compare both: the two give the same bits).
-void launch_attn_delta(const Tensor& dout, const Tensor& out, Tensor& delta, int64_t rows, int64_t Tn, int64_t Hq,
-                       int64_t D, cudaStream_t stream) {
-  const char* env = std::getenv("OMNIQ_ATTN_DELTA_SCALAR");
-  const bool force_scalar = env != nullptr && std::strcmp(env, "1") == 0;
-  const int64_t row_bytes = D * static_cast<int64_t>(dtype_size(dout.dtype()));
-  const bool vec = !force_scalar && row_bytes % 16 == 0 && row_bytes <= kDeltaChunkBytes &&
-                   ew::aligned16(dout.data()) && ew::aligned16(out.data());
-  with_float_type(dout.dtype(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    if (!vec) {
-      const int warps_per_block = 8;
-      attn_delta_kernel<T><<<grid_for(rows, warps_per_block), warps_per_block * 32, 0, stream>>>(
-          dout.data_as<T>(), out.data_as<T>(), delta.data_as<float>(), rows, Tn, Hq, D);
-      CUDA_CHECK_LAUNCH();
-      return;
-    }
-    // As many rows per warp as fit in a 2 KB chunk (a power of two, so a few instantiations cover all D).
-    const int64_t fit = kDeltaChunkBytes / row_bytes;
-    const int kr = fit >= 16 ? 16 : fit >= 8 ? 8 : fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
-    auto launch = [&](auto rows_tag) {
-      constexpr int kRows = decltype(rows_tag)::value;
-      const int64_t rows_per_block = static_cast<int64_t>(kDeltaWarps) * kRows;
-      const unsigned int grid = static_cast<unsigned int>((rows + rows_per_block - 1) / rows_per_block);
-      const size_t smem = static_cast<size_t>(kDeltaWarps) * 2 * kRows * row_bytes;  // <= 32 KB
-      attn_delta_vec_kernel<T, kRows><<<grid, kDeltaWarps * 32, smem, stream>>>(
-          dout.data_as<T>(), out.data_as<T>(), delta.data_as<float>(), rows, Tn, Hq, D);
-      CUDA_CHECK_LAUNCH();
-    };
-    switch (kr) {
-      case 16: launch(std::integral_constant<int, 16>{}); break;
-      case 8: launch(std::integral_constant<int, 8>{}); break;
-      case 4: launch(std::integral_constant<int, 4>{}); break;
-      case 2: launch(std::integral_constant<int, 2>{}); break;
-      default: launch(std::integral_constant<int, 1>{}); break;
-    }
-  });
 }
 
 // Threads per row-kernel block: enough warps to cover short rows, at most 256 (8 elements per
@@ -384,7 +270,16 @@ AttentionGrads attention_backward(const Tensor& dout, const Tensor& q, const Ten
 
   // δ = rowsum(dO ⊙ O) for all batch elements at once ([B, Hq, T] f32).
   Tensor delta = Tensor::empty(Shape{pr.B, pr.Hq, pr.T}, DType::f32, dev);
-  launch_attn_delta(dout, out, delta, pr.B * pr.T * pr.Hq, pr.T, pr.Hq, pr.D, stream);
+  {
+    const int64_t drows = pr.B * pr.T * pr.Hq;
+    const int warps_per_block = 8;
+    with_float_type(pr.dt, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      attn_delta_kernel<T><<<grid_for(drows, warps_per_block), warps_per_block * 32, 0, stream>>>(
+          dout.data_as<T>(), out.data_as<T>(), delta.data_as<float>(), drows, pr.T, pr.Hq, pr.D);
+      CUDA_CHECK_LAUNCH();
+    });
+  }
   if (flash_attention_supported(q, k, v, &dout)) return flash_attention_backward(dout, q, k, v, delta, lse, scale, causal);
 
   const Shape tt{pr.Hq, pr.T, pr.T};
