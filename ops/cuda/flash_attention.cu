@@ -1,10 +1,12 @@
 // Flash attention forward (FA2 algorithm) for bf16/f16 and D ∈ {64, 128} on tensor cores
 // (mma.sync m16n8k16, fp32 accumulation), see ops/cuda/flash_attention.h; the backward lives in
 // ops/cuda/flash_attention_backward.cu, the shared primitives in ops/cuda/flash_attention_common.cuh.
-// This is variant 1 (64-query CTAs, 16 rows per warp), the default; variant 2 (128-query CTAs, 32
-// rows per warp, ops/cuda/flash_attention_forward_v2.cu) is selectable with OMNIQ_FLASH_FWD_V2=1. v2
-// reuses each K/V fragment twice but spills at 255 registers: on the H100 (7B MHA, T = 2048) v1 takes
-// 0.153 ms and v2 0.172 ms, so v1 stays the default.
+// This is variant 1 (64-query CTAs, 16 rows per warp): the default wherever the wgmma variant 3
+// (ops/cuda/flash_attention_forward_v3.cu: D = 128, sm_90, sm_90a build; 0.137 ms at the 7B shape on
+// the H100) does not run, and for D = 64. Variant 2 (128-query CTAs, 32 rows per warp,
+// ops/cuda/flash_attention_forward_v2.cu) is selectable with OMNIQ_FLASH_FWD_V2=1; it reuses each K/V
+// fragment twice but spills at 255 registers: on the H100 (7B MHA, T = 2048) v1 takes 0.153 ms and v2
+// 0.172 ms.
 // The variant switch and the public entry flash_attention_forward are at the end of this file.
 //
 // Tiles are 64 rows; a CTA has 4 warps and each warp owns 16 rows of the tile it iterates against.

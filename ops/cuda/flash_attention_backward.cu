@@ -1,8 +1,9 @@
 // Flash attention backward (FA2 algorithm) for bf16/f16 and D ∈ {64, 128} on tensor cores, see
 // ops/cuda/flash_attention.h (the forward and the shared primitives are next to this file).
 // This is variant 1 (64-key CTAs of 4 warps), kept selectable with OMNIQ_FLASH_BWD_V1=1 for A/B
-// runs; the default is variant 2 (128-key CTAs of 8 warps, ops/cuda/flash_attention_backward_v2.cu),
-// which follows the same design with the changes listed in its header. The variant switch and the
+// runs; variant 2 (128-key CTAs of 8 warps, ops/cuda/flash_attention_backward_v2.cu) follows the same
+// design with the changes listed in its header, and variant 3 (the default where it runs: wgmma,
+// flash_attention_backward_v3.cu) keeps v2's CTA, grid and ordered mode. The variant switch and the
 // public entry flash_attention_backward are at the end of this file.
 //
 // CTA (64 keys, kv head, batch, split) loops over G/splits query heads of its kv head and their

@@ -1,5 +1,7 @@
-// Flash attention backward, variant 2 (the default; variant 1 in flash_attention_backward.cu stays
-// selectable with OMNIQ_FLASH_BWD_V1=1). Same algorithm, same contract and the same ordered-mode
+// Flash attention backward, variant 2 (the default where the wgmma variant 3 does not run, e.g. D = 64
+// or a GPU other than sm_90; OMNIQ_FLASH_BWD_V2=1 picks it anyway; variant 1 in
+// flash_attention_backward.cu stays selectable with OMNIQ_FLASH_BWD_V1=1). Its launcher is also variant
+// 3's launch frame. Same algorithm, same contract and the same ordered-mode
 // design as variant 1 (read its header first); what changes and why:
 //
 // 1. CTA = 128 keys, 8 warps (FA2's shape for D = 128). Every Q/dO/lse/δ tile loaded from global

@@ -1,5 +1,6 @@
 // Flash attention forward, variant 2 (selectable with OMNIQ_FLASH_FWD_V2=1; variant 1 in
-// flash_attention.cu is the default: it measured faster on the H100, as this one spills). Same algorithm and numerics as variant 1 (online softmax
+// flash_attention.cu measured faster on the H100, as this one spills, and variant 3 (wgmma) is the
+// default where it runs). Same algorithm and numerics as variant 1 (online softmax
 // in the log2 domain, P rounded to 16 bits before P·V, fp32 accumulation); the difference is the
 // work per warp:
 //
