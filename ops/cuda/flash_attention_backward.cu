@@ -95,15 +95,7 @@ __global__ void __launch_bounds__(kThreads)
   // Iteration `it` handles query head h and query tile mt. Atomic mode: heads outer, tiles upwards
   // from the first one seeing these keys. Ordered mode: tiles downwards from the last, heads inner,
   // so (h, mt) comes at the same `it` in every key tile's CTA (the lockstep of the header comment).
-  auto coords = [&](int it, int& h, int& mt) {
-    if (ordered) {
-      h = h_first + it % hpc;
-      mt = nq - 1 - it / hpc;
-    } else {
-      h = h_first + it / per_head;
-      mt = m_first + it % per_head;
-    }
-  };
+  auto coords = [&](int it, int& h, int& mt) { bwd_coords(ordered, it, hpc, per_head, h_first, nq, m_first, h, mt); };
   auto issue = [&](int it, int buf) {
     int h, mt;
     coords(it, h, mt);
@@ -259,13 +251,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       const int col = i * 8 + 2 * tq;
-      if (dk32 != nullptr) {
-        atomic_add2(dk32 + off + col, dk_acc[i][2 * r] * scale, dk_acc[i][2 * r + 1] * scale);
-        atomic_add2(dv32 + off + col, dv_acc[i][2 * r], dv_acc[i][2 * r + 1]);
-      } else {
-        *reinterpret_cast<uint32_t*>(dk + off + col) = pack2<E>(dk_acc[i][2 * r] * scale, dk_acc[i][2 * r + 1] * scale);
-        *reinterpret_cast<uint32_t*>(dv + off + col) = pack2<E>(dv_acc[i][2 * r], dv_acc[i][2 * r + 1]);
-      }
+      dkdv_write2<E>(dk32, dv32, dk, dv, off + col, dk_acc[i][2 * r] * scale, dk_acc[i][2 * r + 1] * scale,
+                     dv_acc[i][2 * r], dv_acc[i][2 * r + 1]);
     }
   }
   if (kv_turn != nullptr && split + 1 < splits) pass_turn(kv_turn);

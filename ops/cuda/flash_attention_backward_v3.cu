@@ -71,15 +71,7 @@ __global__ void __launch_bounds__(kB3Threads, 1)
   const E* vg = v + (static_cast<int64_t>(b) * seq + n0) * ldk + static_cast<int64_t>(kvh) * D;
 
   const bool ordered = dq_ctr != nullptr;
-  auto coords = [&](int it, int& h, int& mt) {  // as in variants 1 and 2
-    if (ordered) {
-      h = h_first + it % hpc;
-      mt = nq - 1 - it / hpc;
-    } else {
-      h = h_first + it / per_head;
-      mt = m_first + it % per_head;
-    }
-  };
+  auto coords = [&](int it, int& h, int& mt) { bwd_coords(ordered, it, hpc, per_head, h_first, nq, m_first, h, mt); };
   auto issue = [&](int it, int buf) {
     int h, mt;
     coords(it, h, mt);
@@ -226,38 +218,17 @@ __global__ void __launch_bounds__(kB3Threads, 1)
     wgmma::wait<0>();
     wgmma::fence_operand(acc);
 
-    // 0: add (RED), 1: store the fp32 part (first of several), 2: store dQ (the only one),
-    // 3: load the sum, add, store dQ (the last).
-    const bool first = kt == 0, last = kt == last_kt;
-    const int mode = !ordered ? 0 : first ? (last ? 2 : 1) : (last ? 3 : 0);
+    const bool last = kt == last_kt;
+    const int mode = dq_mode(ordered, kt == 0, last);
     const bool odd = tq & 1;
     float* dqa = dq_acc + static_cast<int64_t>(b) * seq * ldq + static_cast<int64_t>(h) * D;
     E* dqo = dq + static_cast<int64_t>(b) * seq * ldq + static_cast<int64_t>(h) * D;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      const float* c = acc + 4 * nt;
-      // Lane pair (2i, 2i+1): the even lane sends its row g+8 pair and keeps row g, the odd lane
-      // sends its row g pair and keeps row g+8; each then holds 4 consecutive columns of one row.
-      const float r0 = __shfl_xor_sync(0xffffffffu, odd ? c[0] : c[2], 1);
-      const float r1 = __shfl_xor_sync(0xffffffffu, odd ? c[1] : c[3], 1);
-      const float4 val = odd ? make_float4(r0, r1, c[2], c[3]) : make_float4(c[0], c[1], r0, r1);
+      const float4 val = lane_pair_row4(acc + 4 * nt, odd);
       const int row = m0 + warp * 16 + gr + (odd ? 8 : 0);
       const int col = wg * 64 + nt * 8 + 2 * (tq & 2);
-      if (row >= seq) continue;
-      const int64_t o = static_cast<int64_t>(row) * ldq + col;
-      if (mode == 0) {
-        atomic_add4(dqa + o, val);
-      } else if (mode == 1) {
-        *reinterpret_cast<float4*>(dqa + o) = val;
-      } else {
-        float4 s = val;
-        if (mode == 3) {  // L2 load (.cg): the sum was written by other SMs
-          const float4 prev = __ldcg(reinterpret_cast<const float4*>(dqa + o));
-          s = make_float4(prev.x + val.x, prev.y + val.y, prev.z + val.z, prev.w + val.w);
-        }
-        *reinterpret_cast<uint2*>(dqo + o) =
-            make_uint2(pack2<E>(scale * s.x, scale * s.y), pack2<E>(scale * s.z, scale * s.w));
-      }
+      if (row < seq) dq_write4<E>(mode, dqa, dqo, static_cast<int64_t>(row) * ldq + col, val, scale);
     }
     if (ordered && !last) {
       if (thread_fences) fence_acq_rel_gpu();
@@ -271,10 +242,7 @@ __global__ void __launch_bounds__(kB3Threads, 1)
 
   // Ordered split dK/dV: the splits of one (b, kv head, key tile) add in ascending split order.
   int* kv_turn = kv_ctr != nullptr ? kv_ctr + (static_cast<int64_t>(b) * Hkv + kvh) * nk + kt : nullptr;
-  if (kv_turn != nullptr && split > 0) {
-    wait_turn(kv_turn, split);
-    __syncthreads();
-  }
+  kv_turn_begin(kv_turn, split);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = key0 + 8 * r;
@@ -282,26 +250,11 @@ __global__ void __launch_bounds__(kB3Threads, 1)
     const int64_t off = (static_cast<int64_t>(b) * seq + key) * ldk + static_cast<int64_t>(kvh) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
-      const int col = i * 8 + 2 * tq;
-      const float k0 = dk_acc[4 * i + 2 * r] * scale, k1 = dk_acc[4 * i + 2 * r + 1] * scale;
-      const float v0 = dv_acc[4 * i + 2 * r], v1 = dv_acc[4 * i + 2 * r + 1];
-      if (dk32 != nullptr) {
-        atomic_add2(dk32 + off + col, k0, k1);
-        atomic_add2(dv32 + off + col, v0, v1);
-      } else {
-        *reinterpret_cast<uint32_t*>(dk + off + col) = pack2<E>(k0, k1);
-        *reinterpret_cast<uint32_t*>(dv + off + col) = pack2<E>(v0, v1);
-      }
+      dkdv_write2<E>(dk32, dv32, dk, dv, off + i * 8 + 2 * tq, dk_acc[4 * i + 2 * r] * scale,
+                     dk_acc[4 * i + 2 * r + 1] * scale, dv_acc[4 * i + 2 * r], dv_acc[4 * i + 2 * r + 1]);
     }
   }
-  if (kv_turn != nullptr && split + 1 < splits) {
-    if (thread_fences) {
-      pass_turn(kv_turn);
-    } else {
-      __syncthreads();
-      if (threadIdx.x == 0) cta_release_increment(kv_turn, false);
-    }
-  }
+  kv_turn_end(kv_turn, split, splits, thread_fences);
 #else
   __trap();  // not built for sm_90a: flash_backward_v3_available() keeps the host from launching this
 #endif

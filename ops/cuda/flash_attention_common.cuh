@@ -176,6 +176,149 @@ __device__ __forceinline__ void atomic_add4(float* p, float4 v) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pieces the forward kernels share (v1, v3): one warp's 16 query rows (row0 and row0 + 8 per
+// thread) against a tile of 8·NT keys, S and O in the C fragment layout, element e of n-tile i at
+// [4·i + e] (mma.sync's float[NT][4], read flat, or wgmma's accumulator).
+
+// Online softmax in the log2 domain over one key tile: x = scale·log2(e)·s, masked entries −inf
+// (only `edge` tiles check: the diagonal one when causal, the one holding the sequence end); s
+// becomes P, m_run / l_run (the thread-partial row sums) are updated and alpha is the factor that
+// rescales the rows of O.
+template <int NT, bool kCausal>
+__device__ __forceinline__ void online_softmax_tile(float* s, int kv0, int row0, int tq, int seq, bool edge,
+                                                    float scale_log2, float (&m_run)[2], float (&l_run)[2],
+                                                    float (&alpha)[2]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = kv0 + nt * 8 + 2 * tq + (e & 1);
+      const int row = row0 + (e >> 1) * 8;
+      float x = s[4 * nt + e] * scale_log2;
+      if (edge && (col >= seq || (kCausal && col > row))) x = -INFINITY;
+      s[4 * nt + e] = x;
+      mx[e >> 1] = fmaxf(mx[e >> 1], x);
+    }
+  float base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // a row's values live in the 4 lanes of one quad
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m_run[r], mx[r]);
+    base[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: exps stay 0 instead of NaN
+    alpha[r] = exp2f(m_run[r] - base[r]);
+    m_run[r] = m_new;
+    l_run[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = exp2f(s[4 * nt + e] - base[e >> 1]);
+      s[4 * nt + e] = p;
+      l_run[e >> 1] += p;
+    }
+}
+
+// O's NI n-tiles of the two rows scaled by alpha (the online softmax's correction).
+template <int NI>
+__device__ __forceinline__ void rescale_rows(float* o, const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < NI; ++i) {
+    o[4 * i + 0] *= alpha[0], o[4 * i + 1] *= alpha[0];
+    o[4 * i + 2] *= alpha[1], o[4 * i + 3] *= alpha[1];
+  }
+}
+
+// The rows' final O = o / l in E at `orow(row)` (NI n-tiles of 8 columns) and lse (natural log) at
+// lse_row[row], for rows below seq.
+template <typename E, int NI, typename ORow>
+__device__ __forceinline__ void write_out_lse(const float* o, const float (&l_run)[2], const float (&m_run)[2],
+                                              int row0, int tq, int seq, ORow orow, float* lse_row) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = row0 + r * 8;
+    if (row < seq) {
+      E* out = orow(row);
+#pragma unroll
+      for (int i = 0; i < NI; ++i)
+        *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * tq) = pack2<E>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+      if (tq == 0) lse_row[row] = (m_run[r] + log2f(l)) * kLn2;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces the backward kernels share (v1, v2, v3).
+
+// Iteration `it` of a backward CTA handles query head h and query tile mt. Atomic mode: heads outer,
+// tiles upwards from the first one seeing the CTA's keys. Ordered mode: tiles downwards from the
+// last, heads inner, so (h, mt) comes at the same `it` in every key tile's CTA.
+__device__ __forceinline__ void bwd_coords(bool ordered, int it, int hpc, int per_head, int h_first, int nq,
+                                           int m_first, int& h, int& mt) {
+  if (ordered) {
+    h = h_first + it % hpc;
+    mt = nq - 1 - it / hpc;
+  } else {
+    h = h_first + it / per_head;
+    mt = m_first + it % per_head;
+  }
+}
+
+// How a key tile's dQ part of one query tile reaches global memory (v2, v3): 0: add (RED), 1: store
+// the fp32 part (the first of several, ordered mode), 2: store dQ (the only one), 3: load the sum,
+// add, store dQ (the last).
+__device__ __forceinline__ int dq_mode(bool ordered, bool first, bool last) {
+  return !ordered ? 0 : first ? (last ? 2 : 1) : (last ? 3 : 0);
+}
+
+// c: one 16x8 C fragment (rows g, g+8; columns 2t, 2t+1). Lane pair (2i, 2i+1): the even lane sends
+// its row g+8 pair and keeps row g, the odd lane sends its row g pair and keeps row g+8; each then
+// holds 4 consecutive columns (2·(t & 2) ..) of one row (g, or g + 8 for the odd lane).
+__device__ __forceinline__ float4 lane_pair_row4(const float* c, bool odd) {
+  const float r0 = __shfl_xor_sync(0xffffffffu, odd ? c[0] : c[2], 1);
+  const float r1 = __shfl_xor_sync(0xffffffffu, odd ? c[1] : c[3], 1);
+  return odd ? make_float4(r0, r1, c[2], c[3]) : make_float4(c[0], c[1], r0, r1);
+}
+
+// Four consecutive dQ elements at offset o by dq_mode (dqa: the fp32 sum, dqo: dQ in E, scaled).
+template <typename E>
+__device__ __forceinline__ void dq_write4(int mode, float* dqa, E* dqo, int64_t o, float4 val, float scale) {
+  if (mode == 0) {
+    atomic_add4(dqa + o, val);
+  } else if (mode == 1) {
+    *reinterpret_cast<float4*>(dqa + o) = val;
+  } else {
+    float4 s = val;
+    if (mode == 3) {  // L2 load (.cg): the sum was written by other SMs
+      const float4 prev = __ldcg(reinterpret_cast<const float4*>(dqa + o));
+      s = make_float4(prev.x + val.x, prev.y + val.y, prev.z + val.z, prev.w + val.w);
+    }
+    *reinterpret_cast<uint2*>(dqo + o) =
+        make_uint2(pack2<E>(scale * s.x, scale * s.y), pack2<E>(scale * s.z, scale * s.w));
+  }
+}
+
+// Two adjacent dK and dV elements at offset o: fp32 adds into the split scratch (dk32 != nullptr) or
+// stores in E.
+template <typename E>
+__device__ __forceinline__ void dkdv_write2(float* dk32, float* dv32, E* dk, E* dv, int64_t o, float k0, float k1,
+                                            float v0, float v1) {
+  if (dk32 != nullptr) {
+    atomic_add2(dk32 + o, k0, k1);
+    atomic_add2(dv32 + o, v0, v1);
+  } else {
+    *reinterpret_cast<uint32_t*>(dk + o) = pack2<E>(k0, k1);
+    *reinterpret_cast<uint32_t*>(dv + o) = pack2<E>(v0, v1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Turn counters of the deterministic ("ordered") backward, see ops/cuda/flash_attention_backward.cu.
 
 __device__ __forceinline__ int load_acquire(const int* p) {
@@ -238,6 +381,25 @@ __device__ __forceinline__ void pass_turn(int* ctr) {
   fence_acq_rel_gpu();
   __syncthreads();
   if (threadIdx.x == 0) release_increment(ctr);
+}
+
+// The split dK/dV of the ordered mode (v2, v3): the splits of one (b, kv head, key tile) add their
+// parts in ascending split order. Every thread calls begin before its adds and end after them.
+__device__ __forceinline__ void kv_turn_begin(const int* kv_turn, int split) {
+  if (kv_turn != nullptr && split > 0) {
+    wait_turn(kv_turn, split);
+    __syncthreads();
+  }
+}
+__device__ __forceinline__ void kv_turn_end(int* kv_turn, int split, int splits, bool thread_fences) {
+  if (kv_turn != nullptr && split + 1 < splits) {
+    if (thread_fences) {
+      pass_turn(kv_turn);
+    } else {
+      __syncthreads();
+      if (threadIdx.x == 0) cta_release_increment(kv_turn, false);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -97,42 +97,9 @@ __global__ void __launch_bounds__(kV3Threads, 2)
 
       // Online softmax, as variant 1 (only the diagonal tiles and the sequence end need the mask).
       const bool edge = kv0 + kKRows > seq || (kCausal && kv0 + kKRows - 1 > wg_first);
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = kv0 + nt * 8 + 2 * tq + (e & 1);
-          const int row = row0 + (e >> 1) * 8;
-          float x = s[4 * nt + e] * scale_log2;
-          if (edge && (col >= seq || (kCausal && col > row))) x = -INFINITY;
-          s[4 * nt + e] = x;
-          mx[e >> 1] = fmaxf(mx[e >> 1], x);
-        }
-      float base[2], alpha[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {  // a row's 64 values live in the 4 lanes of one quad
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float m_new = fmaxf(m_run[r], mx[r]);
-        base[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: exps stay 0 instead of NaN
-        alpha[r] = exp2f(m_run[r] - base[r]);
-        m_run[r] = m_new;
-        l_run[r] *= alpha[r];
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = exp2f(s[4 * nt + e] - base[e >> 1]);
-          s[4 * nt + e] = p;
-          l_run[e >> 1] += p;
-        }
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        o[4 * i + 0] *= alpha[0], o[4 * i + 1] *= alpha[0];
-        o[4 * i + 2] *= alpha[1], o[4 * i + 3] *= alpha[1];
-      }
+      float alpha[2];
+      online_softmax_tile<8, kCausal>(s, kv0, row0, tq, seq, edge, scale_log2, m_run, l_run, alpha);
+      rescale_rows<16>(o, alpha);
 
       // O += P·V over the tile's 4 k16 slices of keys; P's accumulator n-tiles 2t, 2t+1 are slice t's A.
       uint32_t a[4][4];
@@ -154,21 +121,10 @@ __global__ void __launch_bounds__(kV3Threads, 2)
     __syncthreads();  // everyone is done with buffer j&1 before iteration j+1 refills it
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = row0 + r * 8;
-    if (row < seq) {
-      E* orow = out + (static_cast<int64_t>(b) * seq + row) * ldq + static_cast<int64_t>(h) * D;
-#pragma unroll
-      for (int i = 0; i < 16; ++i)
-        *reinterpret_cast<uint32_t*>(orow + i * 8 + 2 * tq) = pack2<E>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
-      if (tq == 0) lse[(static_cast<int64_t>(b) * Hq + h) * seq + row] = (m_run[r] + log2f(l)) * kLn2;
-    }
-  }
+  write_out_lse<E, 16>(
+      o, l_run, m_run, row0, tq, seq,
+      [&](int row) { return out + (static_cast<int64_t>(b) * seq + row) * ldq + static_cast<int64_t>(h) * D; },
+      lse + (static_cast<int64_t>(b) * Hq + h) * seq);
 #else
   __trap();  // not built for sm_90a: flash_forward_v3_available() keeps the host from launching this
 #endif
