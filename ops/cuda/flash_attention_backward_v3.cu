@@ -12,8 +12,9 @@
 //   dQ[:, 64w..64w+63] = dS·K[:, 64w..]  8 wgmma m64n64k16: A = dS read MN-major from the dSᵀ tile,
 //                                      B = K's column half w, MN-major
 // and dQ leaves as in v2 (fp32 RED, or the ordered store / add / convert of the deterministic mode,
-// in ascending key-tile order: the same float sequence per element as v2, so the same bits up to the
-// different per-tile products). The shared tile layout is ops/cuda/wgmma.cuh's: K and V serve as
+// in ascending key-tile order, so every run gives the same bits; they differ from v2's, whose MMAs
+// sum each product in another order). H100, 7B shape: deterministic 0.59–0.61 ms (v2 0.67), atomic
+// 0.46–0.51 (v2 0.60). The shared tile layout is ops/cuda/wgmma.cuh's: K and V serve as
 // K-major operands (Sᵀ, dPᵀ) and K as MN-major B (dQ) without copies. A warpgroup whose 64 keys all
 // lie after the tile's last query (causal) or past the end skips its products and writes zero dSᵀ.
 #include "ops/cuda/flash_attention.h"
