@@ -47,6 +47,23 @@ std::ostream& operator<<(std::ostream& os, const VCase& c) {
             << " D=" << c.D << (c.causal ? " causal" : " full");
 }
 
+// Random inputs of case c on the GPU (dO from seed s, q/k/v from s + 1 .. s + 3), the forward's lse
+// and δ: what the backward comparisons feed every variant.
+struct BwdInputs {
+  Tensor q, k, v, dout, lse, delta;
+};
+BwdInputs bwd_inputs(const VCase& c, uint64_t s, float scale, bool causal, const Device& gpu) {
+  BwdInputs in;
+  const Tensor doh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, s, c.dt);
+  in.q = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, s + 1, c.dt).to(gpu);
+  in.k = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, s + 2, c.dt).to(gpu);
+  in.v = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, s + 3, c.dt).to(gpu);
+  in.dout = doh.to(gpu);
+  const Tensor out = attention_forward(in.q, in.k, in.v, scale, causal, &in.lse);
+  in.delta = delta_of(out.to(Device::cpu()), doh, c);
+  return in;
+}
+
 // Variant switch: explicit set wins, round trip, bad values rejected (no GPU needed).
 TEST(FlashAttentionDispatch, BackwardVariantSwitch) {
   const int saved = cuda::flash_backward_variant();
@@ -161,14 +178,8 @@ TEST(FlashAttentionCuda, BackwardV3LongSequences) {
     for (int64_t Hkv : {4, 2}) {
       const VCase c{1, T, 4, Hkv, 128, true, DType::bf16};
       const float scale = 1.f / std::sqrt(128.f);
-      const Tensor doh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed += 10, c.dt);
-      const Tensor q = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed + 1, c.dt).to(gpu);
-      const Tensor k = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 2, c.dt).to(gpu);
-      const Tensor v = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 3, c.dt).to(gpu);
-      const Tensor dout = doh.to(gpu);
-      Tensor lse;
-      const Tensor out = attention_forward(q, k, v, scale, true, &lse);
-      const Tensor delta = delta_of(out.to(Device::cpu()), doh, c);
+      const BwdInputs in = bwd_inputs(c, seed += 10, scale, true, gpu);
+      const auto& [q, k, v, dout, lse, delta] = in;
       for (bool det : {true, false}) {
         SCOPED_TRACE(testing::Message() << c << (det ? " deterministic" : " atomic"));
         const AttentionGrads g2 = cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, true, 0, det);
@@ -329,14 +340,8 @@ TEST(FlashAttentionCuda, BackwardQueryChunksGiveSameBits) {
                     causal, n % 3 ? DType::bf16 : DType::f16};
       SCOPED_TRACE(testing::Message() << c);
       const float scale = 1.f / std::sqrt(static_cast<float>(c.D));
-      const Tensor doh = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed += 10, c.dt);
-      const Tensor q = Tensor::uniform(Shape{c.B, c.T, c.Hq, c.D}, -1, 1, seed + 1, c.dt).to(gpu);
-      const Tensor k = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 2, c.dt).to(gpu);
-      const Tensor v = Tensor::uniform(Shape{c.B, c.T, c.Hkv, c.D}, -1, 1, seed + 3, c.dt).to(gpu);
-      const Tensor dout = doh.to(gpu);
-      Tensor lse;
-      const Tensor out = attention_forward(q, k, v, scale, causal, &lse);
-      const Tensor delta = delta_of(out.to(Device::cpu()), doh, c);
+      const BwdInputs in = bwd_inputs(c, seed += 10, scale, causal, gpu);
+      const auto& [q, k, v, dout, lse, delta] = in;
       cuda::set_flash_backward_query_chunks(1);
       const AttentionGrads ref = cuda::flash_attention_backward_v2(dout, q, k, v, delta, lse, scale, causal, 0, true);
       const AttentionGrads ref_atomic =
