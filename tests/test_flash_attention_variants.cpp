@@ -14,6 +14,7 @@
 // in fp32 summation order and in v2's fmaf for the exponent).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -359,6 +360,40 @@ TEST(FlashAttentionCuda, BackwardQueryChunksGiveSameBits) {
       }
     }
   cuda::set_flash_backward_query_chunks(saved);
+}
+
+// Variant 3's kernel forms (OMNIQ_FLASH_BWD_V3_SERIAL=1: session 8's kernel, whose deadlock printf made
+// ptxas serialise its wgmmas; the default: the same code without the call) run the same products in
+// the same order: identical bits in the deterministic mode, over edge, dead and diagonal tiles, MHA
+// and GQA with splits, causal and full, bf16 and f16.
+TEST(FlashAttentionCuda, BackwardV3FormsGiveSameBits) {
+  OMNIQ_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  if (!cuda::flash_backward_v3_available(Tensor::empty(Shape{1, 64, 1, 128}, DType::bf16, gpu)))
+    GTEST_SKIP() << "no wgmma kernel on this GPU / build";
+  uint64_t seed = 15000;
+  int n = 0;
+  for (int64_t T : {1, 64, 100, 129, 192, 320, 1000, 2048})
+    for (bool causal : {true, false}) {
+      ++n;
+      const VCase c{n % 3 ? int64_t{1} : int64_t{2}, T, 8, n % 2 ? int64_t{2} : int64_t{8}, 128, causal,
+                    n % 3 ? DType::bf16 : DType::f16};
+      SCOPED_TRACE(testing::Message() << c);
+      const float scale = 1.f / std::sqrt(static_cast<float>(c.D));
+      const BwdInputs in = bwd_inputs(c, seed += 10, scale, causal, gpu);
+      const auto& [q, k, v, dout, lse, delta] = in;
+      setenv("OMNIQ_FLASH_BWD_V3_SERIAL", "1", 1);
+      const AttentionGrads ref = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, 0, true);
+      unsetenv("OMNIQ_FLASH_BWD_V3_SERIAL");
+      const AttentionGrads g = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, 0, true);
+      EXPECT_TRUE(same_bits(g.dq, ref.dq)) << "dq";
+      EXPECT_TRUE(same_bits(g.dk, ref.dk)) << "dk";
+      EXPECT_TRUE(same_bits(g.dv, ref.dv)) << "dv";
+      const AttentionGrads a = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, 0, false);
+      EXPECT_TRUE(close_scaled(a.dq, ref.dq, 1e-2f)) << "atomic dq";
+      EXPECT_TRUE(close_scaled(a.dk, ref.dk, 1e-2f)) << "atomic dk";
+      EXPECT_TRUE(close_scaled(a.dv, ref.dv, 1e-2f)) << "atomic dv";
+    }
 }
 
 // The chunk setting: explicit set wins, bad values rejected (no GPU needed).

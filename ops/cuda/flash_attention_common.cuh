@@ -336,6 +336,10 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 // Thread 0 spins until *ctr reaches `turn`. Its acquire load makes the adds that the previous
 // contributor fenced before incrementing visible to it; the caller's next __syncthreads() extends
 // that ordering to the whole CTA before anyone adds.
+// kReport: print the deadlock diagnosis before trapping. printf is a function call, and a call
+// anywhere in a kernel makes ptxas serialise every wgmma of that kernel (warning C7510: each
+// wgmma waits for the previous one), so the wgmma kernels (v3) trap without the message.
+template <bool kReport = true>
 __device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
   if (threadIdx.x != 0) return;
   uint64_t t0 = 0;
@@ -346,8 +350,9 @@ __device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
       if (t0 == 0) {
         t0 = now;
       } else if (now - t0 > 20000000000ull) {
-        printf("flash_attention_backward: block (%d,%d,%d) waited 20 s for turn %d (counter %d): deadlock\n",
-               blockIdx.x, blockIdx.y, blockIdx.z, turn, load_acquire(ctr));
+        if constexpr (kReport)
+          printf("flash_attention_backward: block (%d,%d,%d) waited 20 s for turn %d (counter %d): deadlock\n",
+                 blockIdx.x, blockIdx.y, blockIdx.z, turn, load_acquire(ctr));
         __trap();
       }
     }
@@ -385,9 +390,10 @@ __device__ __forceinline__ void pass_turn(int* ctr) {
 
 // The split dK/dV of the ordered mode (v2, v3): the splits of one (b, kv head, key tile) add their
 // parts in ascending split order. Every thread calls begin before its adds and end after them.
+template <bool kReport = true>
 __device__ __forceinline__ void kv_turn_begin(const int* kv_turn, int split) {
   if (kv_turn != nullptr && split > 0) {
-    wait_turn(kv_turn, split);
+    wait_turn<kReport>(kv_turn, split);
     __syncthreads();
   }
 }
