@@ -362,15 +362,27 @@ TEST(FlashAttentionCuda, BackwardQueryChunksGiveSameBits) {
   cuda::set_flash_backward_query_chunks(saved);
 }
 
-// Variant 3's kernel forms (OMNIQ_FLASH_BWD_V3_SERIAL=1: session 8's kernel, whose deadlock printf made
-// ptxas serialise its wgmmas; the default: the same code without the call) run the same products in
-// the same order: identical bits in the deterministic mode, over edge, dead and diagonal tiles, MHA
-// and GQA with splits, causal and full, bf16 and f16.
+// Variant 3's kernel forms give the same bits in the deterministic mode: session 8's kernel
+// (OMNIQ_FLASH_BWD_V3_SERIAL=1, whose deadlock printf made ptxas serialise its wgmmas), the plain form
+// without the call (OMNIQ_FLASH_BWD_V3_WS=0) and the warp-specialised default (dQ parts sent by a third
+// warpgroup with bulk stores / reduce-adds): the same products, summed in the same order. Over edge,
+// dead and diagonal tiles, MHA and GQA (with 2 kv splits: the ordered dK/dV turns), causal and full,
+// bf16 and f16, B = 1 and 2. Atomic mode to tolerance (its fp32 adds race).
 TEST(FlashAttentionCuda, BackwardV3FormsGiveSameBits) {
   OMNIQ_REQUIRE_CUDA();
   const Device gpu = Device::cuda();
   if (!cuda::flash_backward_v3_available(Tensor::empty(Shape{1, 64, 1, 128}, DType::bf16, gpu)))
     GTEST_SKIP() << "no wgmma kernel on this GPU / build";
+  auto run = [&](const char* serial, const char* ws, const BwdInputs& in, float scale, bool causal, int splits,
+                 bool det) {
+    setenv("OMNIQ_FLASH_BWD_V3_SERIAL", serial, 1);
+    setenv("OMNIQ_FLASH_BWD_V3_WS", ws, 1);
+    AttentionGrads g =
+        cuda::flash_attention_backward_v3(in.dout, in.q, in.k, in.v, in.delta, in.lse, scale, causal, splits, det);
+    unsetenv("OMNIQ_FLASH_BWD_V3_SERIAL");
+    unsetenv("OMNIQ_FLASH_BWD_V3_WS");
+    return g;
+  };
   uint64_t seed = 15000;
   int n = 0;
   for (int64_t T : {1, 64, 100, 129, 192, 320, 1000, 2048})
@@ -378,21 +390,24 @@ TEST(FlashAttentionCuda, BackwardV3FormsGiveSameBits) {
       ++n;
       const VCase c{n % 3 ? int64_t{1} : int64_t{2}, T, 8, n % 2 ? int64_t{2} : int64_t{8}, 128, causal,
                     n % 3 ? DType::bf16 : DType::f16};
-      SCOPED_TRACE(testing::Message() << c);
       const float scale = 1.f / std::sqrt(static_cast<float>(c.D));
       const BwdInputs in = bwd_inputs(c, seed += 10, scale, causal, gpu);
-      const auto& [q, k, v, dout, lse, delta] = in;
-      setenv("OMNIQ_FLASH_BWD_V3_SERIAL", "1", 1);
-      const AttentionGrads ref = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, 0, true);
-      unsetenv("OMNIQ_FLASH_BWD_V3_SERIAL");
-      const AttentionGrads g = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, 0, true);
-      EXPECT_TRUE(same_bits(g.dq, ref.dq)) << "dq";
-      EXPECT_TRUE(same_bits(g.dk, ref.dk)) << "dk";
-      EXPECT_TRUE(same_bits(g.dv, ref.dv)) << "dv";
-      const AttentionGrads a = cuda::flash_attention_backward_v3(dout, q, k, v, delta, lse, scale, causal, 0, false);
-      EXPECT_TRUE(close_scaled(a.dq, ref.dq, 1e-2f)) << "atomic dq";
-      EXPECT_TRUE(close_scaled(a.dk, ref.dk, 1e-2f)) << "atomic dk";
-      EXPECT_TRUE(close_scaled(a.dv, ref.dv, 1e-2f)) << "atomic dv";
+      for (int splits : {0, 2}) {
+        if (splits == 2 && c.Hq == c.Hkv) continue;
+        SCOPED_TRACE(testing::Message() << c << " splits " << splits);
+        const AttentionGrads ref = run("1", "0", in, scale, causal, splits, true);
+        for (const char* ws : {"0", "1"}) {
+          SCOPED_TRACE(testing::Message() << "ws " << ws);
+          const AttentionGrads g = run("0", ws, in, scale, causal, splits, true);
+          EXPECT_TRUE(same_bits(g.dq, ref.dq)) << "dq";
+          EXPECT_TRUE(same_bits(g.dk, ref.dk)) << "dk";
+          EXPECT_TRUE(same_bits(g.dv, ref.dv)) << "dv";
+          const AttentionGrads a = run("0", ws, in, scale, causal, splits, false);
+          EXPECT_TRUE(close_scaled(a.dq, ref.dq, 1e-2f)) << "atomic dq";
+          EXPECT_TRUE(close_scaled(a.dk, ref.dk, 1e-2f)) << "atomic dk";
+          EXPECT_TRUE(close_scaled(a.dv, ref.dv, 1e-2f)) << "atomic dv";
+        }
+      }
     }
 }
 

@@ -276,6 +276,11 @@ bool bwd_v3_serial() {
 bool flash_backward_v3_available(const Tensor& q) { return flash_forward_v3_available(q); }
 
 void launch_flash_bwd_v3(const FlashBwdArgs& a, bool causal, DType dt, dim3 grid, cudaStream_t stream) {
+  const char* ws = std::getenv("OMNIQ_FLASH_BWD_V3_WS");
+  if (!bwd_v3_serial() && !(ws != nullptr && ws[0] == '0')) {
+    launch_flash_bwd_v3ws(a, causal, dt, grid, stream);
+    return;
+  }
   flash_dispatch(dt, kB3D, causal, [&](auto e, auto, auto c) {
     using E = decltype(e);
     constexpr bool kC = decltype(c)::value;

@@ -339,9 +339,9 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 // kReport: print the deadlock diagnosis before trapping. printf is a function call, and a call
 // anywhere in a kernel makes ptxas serialise every wgmma of that kernel (warning C7510: each
 // wgmma waits for the previous one), so the wgmma kernels (v3) trap without the message.
+// spin_turn: the same wait by whichever thread calls it (the warp-specialised v3 backward's dQ warp).
 template <bool kReport = true>
-__device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
-  if (threadIdx.x != 0) return;
+__device__ __forceinline__ void spin_turn(const int* ctr, int turn) {
   uint64_t t0 = 0;
   for (unsigned polls = 1; load_acquire(ctr) < turn; ++polls) {
     __nanosleep(32);
@@ -357,6 +357,10 @@ __device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
       }
     }
   }
+}
+template <bool kReport = true>
+__device__ __forceinline__ void wait_turn(const int* ctr, int turn) {
+  if (threadIdx.x == 0) spin_turn<kReport>(ctr, turn);
 }
 
 // This thread's earlier global writes/adds are performed GPU-wide before anything it does after.
