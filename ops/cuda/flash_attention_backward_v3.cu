@@ -13,8 +13,10 @@
 //                                      B = K's column half w, MN-major
 // and dQ leaves as in v2 (fp32 RED, or the ordered store / add / convert of the deterministic mode,
 // in ascending key-tile order, so every run gives the same bits; they differ from v2's, whose MMAs
-// sum each product in another order). H100, 7B shape: deterministic 0.59–0.61 ms (v2 0.67), atomic
-// 0.46–0.51 (v2 0.60). The shared tile layout is ops/cuda/wgmma.cuh's: K and V serve as
+// sum each product in another order). H100, 7B shape: deterministic 0.573–0.578 ms (v2 0.67), atomic
+// 0.50. This is the "plain" form (OMNIQ_FLASH_BWD_V3_WS=0); the default is the warp-specialised form
+// of flash_attention_backward_v3ws.cu (same products, same bits, 0.40 / 0.37 ms), which hands the dQ
+// part to a third warpgroup instead of writing it from the MMA warps. The shared tile layout is ops/cuda/wgmma.cuh's: K and V serve as
 // K-major operands (Sᵀ, dPᵀ) and K as MN-major B (dQ) without copies. A warpgroup whose 64 keys all
 // lie after the tile's last query (causal) or past the end skips its products and writes zero dSᵀ.
 #include <cstdlib>
@@ -36,9 +38,9 @@ constexpr uint32_t kQTile = kB3Q * kB3D * 2;       // 16 KiB (Q, dO; double-buff
 constexpr uint32_t kDSTile = kB3Keys * kB3Q * 2;   // 16 KiB (dSᵀ; double-buffered)
 constexpr size_t kB3Smem = 2 * kKVTile + 4 * kQTile + 2 * kDSTile + 4 * kB3Q * sizeof(float) + 1024;
 
-// kReport = true only for the A/B switch OMNIQ_FLASH_BWD_V3_SERIAL=1: the deadlock printf makes ptxas
-// serialise every wgmma of the kernel (session 8's kernel; 0.59 ms deterministic at the 7B shape).
-template <typename E, bool kCausal, bool kReport>
+// The turn waits trap without printing (wait_turn<false>): a printf call anywhere in the kernel makes
+// ptxas serialise every wgmma of it (session 8's kernel: 0.597 vs 0.573 ms deterministic, 7B shape).
+template <typename E, bool kCausal>
 __global__ void __launch_bounds__(kB3Threads, 1)
     flash_bwd_v3_kernel(const E* __restrict__ q, const E* __restrict__ k, const E* __restrict__ v,
                         const E* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(kB3Threads, 1)
     // stores, the last contributor (the tile holding the diagonal, or the last key tile) converts.
     int* turn = ordered ? dq_ctr + (static_cast<int64_t>(b) * Hq + h) * nq + mt : nullptr;
     const int last_kt = kCausal ? min(mt >> 1, nk - 1) : nk - 1;
-    if (ordered && kt > 0) wait_turn<kReport>(turn, kt);
+    if (ordered && kt > 0) wait_turn<false>(turn, kt);
     __syncthreads();  // (b) dSᵀ complete (and the turn, if waited for, acquired) for all warps
 
     // dQ (the tile's 64 queries, columns 64·wg ..) = dS·K over the 128 keys: A = dS, MN-major from
@@ -247,7 +249,7 @@ __global__ void __launch_bounds__(kB3Threads, 1)
 
   // Ordered split dK/dV: the splits of one (b, kv head, key tile) add in ascending split order.
   int* kv_turn = kv_ctr != nullptr ? kv_ctr + (static_cast<int64_t>(b) * Hkv + kvh) * nk + kt : nullptr;
-  kv_turn_begin<kReport>(kv_turn, split);
+  kv_turn_begin<false>(kv_turn, split);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = key0 + 8 * r;
@@ -265,11 +267,6 @@ __global__ void __launch_bounds__(kB3Threads, 1)
 #endif
 }
 
-// Read per launch (a test flips it between launches).
-bool bwd_v3_serial() {
-  const char* e = std::getenv("OMNIQ_FLASH_BWD_V3_SERIAL");
-  return e != nullptr && e[0] == '1';
-}
 
 }  // namespace
 
@@ -277,14 +274,14 @@ bool flash_backward_v3_available(const Tensor& q) { return flash_forward_v3_avai
 
 void launch_flash_bwd_v3(const FlashBwdArgs& a, bool causal, DType dt, dim3 grid, cudaStream_t stream) {
   const char* ws = std::getenv("OMNIQ_FLASH_BWD_V3_WS");
-  if (!bwd_v3_serial() && !(ws != nullptr && ws[0] == '0')) {
+  if (!(ws != nullptr && ws[0] == '0')) {  // read per launch (a test flips it between launches)
     launch_flash_bwd_v3ws(a, causal, dt, grid, stream);
     return;
   }
   flash_dispatch(dt, kB3D, causal, [&](auto e, auto, auto c) {
     using E = decltype(e);
     constexpr bool kC = decltype(c)::value;
-    auto kernel = bwd_v3_serial() ? flash_bwd_v3_kernel<E, kC, true> : flash_bwd_v3_kernel<E, kC, false>;
+    auto kernel = flash_bwd_v3_kernel<E, kC>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kB3Smem)));
     kernel<<<grid, kB3Threads, kB3Smem, stream>>>(
         static_cast<const E*>(a.q), static_cast<const E*>(a.k), static_cast<const E*>(a.v),

@@ -13,8 +13,14 @@
 //     with its 128 threads; then frees the buffer (`empty`) and hands the turn on.
 //
 // Why: in the plain form every MMA warp stalls per tile on the turn wait, on its dQ RED/stores and on
-// the GPU-scope fence before the release (H100, 7B shape: deterministic 0.57 ms vs 0.50 atomic). Here
-// the waits and the fence sit in warpgroup 2, up to two tiles behind the MMA warps.
+// the GPU-scope fence before the release (H100, 7B shape: deterministic 0.578 ms vs 0.50 atomic). Here
+// the waits and the fence sit in warpgroup 2, up to two tiles behind the MMA warps: deterministic
+// 0.401 ms, atomic 0.372 (bench_matmul; 70B GQA shape 1.16 → 0.82 ms deterministic).
+// Registers: launch bounds of 384 threads give ptxas 168 per thread; setmaxnreg moves them to the MMA
+// warpgroups (240, the plain form's code fits with ~100 bytes of spills) from warpgroup 2 (24). ptxas
+// ignores that for a region holding a trap (spin_turn's deadlock guard): the MMA warps were then
+// compiled for 168 registers with 680 bytes of spills and serialised wgmmas, which is why warpgroup 2
+// also waits for the split dK/dV turn.
 // The MMA warpgroups synchronise with each other through named barrier 1 (256 threads), warpgroup 2
 // through barrier 2 (128 threads); __syncthreads only before the roles split.
 #include <cstdlib>
@@ -33,7 +39,7 @@ using namespace flash;
 
 constexpr int kWKeys = 128, kWQ = 64, kWD = 128;
 constexpr int kMmaThreads = 256, kWsThreads = 384;
-constexpr int kMmaBar = 1, kDQBar = 2, kKvBar = 3;  // named barriers: the MMA warps, warpgroup 2, all
+constexpr int kMmaBar = 1, kDQBar = 2;  // named barriers of the MMA warps and of warpgroup 2
 constexpr uint32_t kWKV = kWKeys * kWD * 2;        // 32 KiB (K, V)
 constexpr uint32_t kWQTile = kWQ * kWD * 2;        // 16 KiB (Q, dO; double-buffered)
 constexpr uint32_t kWDS = kWKeys * kWQ * 2;        // 16 KiB (dSᵀ, one buffer: barrier (a) orders its reuse)
@@ -66,6 +72,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   float* sDelta = sL + 2 * kWQ;             // [2][64]
   uint64_t* full = reinterpret_cast<uint64_t*>(sDelta + 2 * kWQ);  // [2]: dQ part written (256 arrivals)
   uint64_t* empty = full + 2;                                       // [2]: dQ part sent (128 arrivals)
+  uint64_t* kv_go = empty + 2;                                      // split dK/dV turn acquired (1 arrival)
 
   const int G = Hq / Hkv, hpc = G / splits;
   const int kvh = blockIdx.x / splits, split = blockIdx.x % splits, kt = blockIdx.y, b = blockIdx.z;
@@ -84,6 +91,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       sm90::mbar_init(&full[s], kMmaThreads);
       sm90::mbar_init(&empty[s], 128);
     }
+    sm90::mbar_init(kv_go, 1);
   }
   __syncthreads();  // the barriers exist before either role touches them
 
@@ -155,9 +163,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         sm90::mbar_arrive(&empty[s]);  // after this thread's reads of the buffer (release)
       }
     }
-    if (kv_wait) {
-      if (t2 == 0) spin_turn<false>(kv_turn, split);
-      sm90::named_sync(kKvBar, kWsThreads);  // the MMA warps add their dK/dV after this
+    if (kv_wait && t2 == 0) {
+      spin_turn<false>(kv_turn, split);
+      sm90::mbar_arrive(kv_go);  // release (CTA scope) of what the acquire saw: the MMA warps add after it
     }
     return;
   }
@@ -318,7 +326,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     sm90::mbar_arrive(&full[s]);
   }
 
-  if (kv_wait) sm90::named_sync(kKvBar, kWsThreads);  // warpgroup 2 holds the split turn
+  if (kv_wait) sm90::mbar_wait(kv_go, 0);  // warpgroup 2 holds the split turn
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = key0 + 8 * r;
