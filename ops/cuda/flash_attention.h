@@ -55,8 +55,10 @@ int flash_attention_kv_splits_v2(int64_t B, int64_t T, int64_t Hq, int64_t Hkv, 
 // Three backward kernels, same contract (flash_attention_backward calls the selected one):
 //   1: 64-key CTAs of 4 warps (ops/cuda/flash_attention_backward.cu);
 //   2: 128-key CTAs of 8 warps (ops/cuda/flash_attention_backward_v2.cu);
-//   3, the default: 128-key CTAs of 2 warpgroups, wgmma (ops/cuda/flash_attention_backward_v3.cu),
-//      where available (else 2 runs). H100, 7B MHA T = 2048, deterministic: v3 0.605 ms, v2 0.671.
+//   3, the default: 128-key CTAs of 2 MMA warpgroups, wgmma, and a third warpgroup that sends the dQ
+//      parts (ops/cuda/flash_attention_backward_v3ws.cu; OMNIQ_FLASH_BWD_V3_WS=0: the plain form of
+//      flash_attention_backward_v3.cu, same bits), where available (else 2 runs). H100, 7B MHA
+//      T = 2048, deterministic: v3 0.401 ms (plain form 0.576), v2 0.671.
 // Process-wide; OMNIQ_FLASH_BWD_V1 / OMNIQ_FLASH_BWD_V2 set to anything but "" or "0" pick 1 / 2 (read
 // at the first query); set_flash_backward_variant (1, 2 or 3) wins over the environment. For A/B
 // timing and for tests.
