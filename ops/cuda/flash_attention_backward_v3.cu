@@ -23,6 +23,7 @@
 
 #include "ops/cuda/flash_attention.h"
 #include "ops/cuda/flash_attention_backward_v3.h"
+#include "ops/cuda/flash_attention_backward_v3_tile.cuh"
 #include "ops/cuda/flash_attention_common.cuh"
 #include "runtime/cuda_context.h"
 
@@ -31,11 +32,12 @@ namespace omniq::cuda {
 namespace {
 
 using namespace flash;
+using bwd3::kDSTile;
+using bwd3::kKVTile;
+using bwd3::kQTile;
 
-constexpr int kB3Keys = 128, kB3Q = 64, kB3D = 128, kB3Threads = 256;
-constexpr uint32_t kKVTile = kB3Keys * kB3D * 2;   // 32 KiB (K, V)
-constexpr uint32_t kQTile = kB3Q * kB3D * 2;       // 16 KiB (Q, dO; double-buffered)
-constexpr uint32_t kDSTile = kB3Keys * kB3Q * 2;   // 16 KiB (dSᵀ; double-buffered)
+constexpr int kB3Q = bwd3::kQ, kB3D = bwd3::kD, kB3Threads = 256;
+// K, V; Q and dO double-buffered; dSᵀ double-buffered; lse, δ; slack to align the tiles to 1024 B.
 constexpr size_t kB3Smem = 2 * kKVTile + 4 * kQTile + 2 * kDSTile + 4 * kB3Q * sizeof(float) + 1024;
 
 // The turn waits trap without printing (wait_turn<false>): a printf call anywhere in the kernel makes
@@ -49,7 +51,6 @@ __global__ void __launch_bounds__(kB3Threads, 1)
                         int* __restrict__ kv_ctr, int seq, int Hq, int Hkv, int splits, float scale,
                         float scale_log2, bool thread_fences) {
 #ifdef OMNIQ_WGMMA
-  using Tag = typename wgmma::TagOf<E>::type;
   constexpr int D = kB3D;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = wgmma::smem_addr(smem_raw);
@@ -63,53 +64,27 @@ __global__ void __launch_bounds__(kB3Threads, 1)
   const uint32_t aK = wgmma::smem_addr(sK), aV = wgmma::smem_addr(sV), aQ = wgmma::smem_addr(sQ),
                  adO = wgmma::smem_addr(sdO), adS = wgmma::smem_addr(sdS);
 
-  const int G = Hq / Hkv, hpc = G / splits;
-  const int kvh = blockIdx.x / splits, split = blockIdx.x % splits, kt = blockIdx.y, b = blockIdx.z;
-  const int h_first = kvh * G + split * hpc;
-  const int n0 = kt * kB3Keys;
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int gr = lane >> 2, tq = lane & 3;
-  const int64_t ldq = static_cast<int64_t>(Hq) * D, ldk = static_cast<int64_t>(Hkv) * D;
-  const int nq = (seq + kB3Q - 1) / kB3Q, nk = (seq + kB3Keys - 1) / kB3Keys;
-  const int m_first = kCausal ? 2 * kt : 0;  // query tile 2kt holds the first query seeing key n0
-  const int per_head = nq - m_first;
-  const int iters = hpc * per_head;
-  const E* kg = k + (static_cast<int64_t>(b) * seq + n0) * ldk + static_cast<int64_t>(kvh) * D;
-  const E* vg = v + (static_cast<int64_t>(b) * seq + n0) * ldk + static_cast<int64_t>(kvh) * D;
-
-  const bool ordered = dq_ctr != nullptr;
-  auto coords = [&](int it, int& h, int& mt) { bwd_coords(ordered, it, hpc, per_head, h_first, nq, m_first, h, mt); };
+  const bwd3::CtaWork w = bwd3::cta_work<kCausal>(seq, Hq, Hkv, splits, dq_ctr != nullptr);
+  const bwd3::KeyRows kr = bwd3::key_rows(w.n0);
+  const int64_t ldq = static_cast<int64_t>(Hq) * D;
   auto issue = [&](int it, int buf) {
     int h, mt;
-    coords(it, h, mt);
-    const int m0 = mt * kB3Q;
-    const int64_t off = (static_cast<int64_t>(b) * seq + m0) * ldq + static_cast<int64_t>(h) * D;
-    load_swizzled<E, kB3Q, kB3Threads>(sQ + buf * kQTile, q + off, ldq, seq - m0);
-    load_swizzled<E, kB3Q, kB3Threads>(sdO + buf * kQTile, dout + off, ldq, seq - m0);
-    if (threadIdx.x < 2 * kB3Q) {  // threads 0..63: lse, 64..127: δ
-      const int i = threadIdx.x & (kB3Q - 1);
-      const bool ok = m0 + i < seq;
-      const int64_t li = (static_cast<int64_t>(b) * Hq + h) * seq + m0 + (ok ? i : 0);
-      cp_async4((threadIdx.x < kB3Q ? sL : sDelta) + buf * kB3Q + i, (threadIdx.x < kB3Q ? lse : delta) + li, ok);
-    }
+    w.coords(it, h, mt);
+    bwd3::load_query_tile<E, kB3Threads>(sQ + buf * kQTile, sdO + buf * kQTile, sL + buf * kB3Q, sDelta + buf * kB3Q,
+                                         q, dout, lse, delta, w.b, h, mt * kB3Q, seq, Hq);
   };
 
-  load_swizzled<E, kB3Keys, kB3Threads>(sK, kg, ldk, seq - n0);
-  load_swizzled<E, kB3Keys, kB3Threads>(sV, vg, ldk, seq - n0);
+  bwd3::load_key_tiles<E, kB3Threads>(sK, sV, k, v, w, seq, Hkv);
   issue(0, 0);
   cp_async_commit();
 
   float dk_acc[64], dv_acc[64];  // this warpgroup's 64 keys x D (wgmma accumulator layout)
 #pragma unroll
   for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-  const int key_w = n0 + wg * 64;               // this warpgroup's first key
-  const int key0 = key_w + warp * 16 + gr;      // this thread's key rows: key0 and key0 + 8
-  const int srow0 = wg * 64 + warp * 16 + gr;   // the same rows in the CTA's key tile (dSᵀ rows)
-  const float scale_lse = -kLog2e;
   int* pending = nullptr;  // ordered mode: the turn this CTA hands on after the next barrier
 
-  for (int it = 0; it < iters; ++it) {
-    if (it + 1 < iters) issue(it + 1, (it + 1) & 1);
+  for (int it = 0; it < w.iters; ++it) {
+    if (it + 1 < w.iters) issue(it + 1, (it + 1) & 1);
     cp_async_commit();
     cp_async_wait<1>();
     wgmma::fence_proxy_async();
@@ -121,123 +96,34 @@ __global__ void __launch_bounds__(kB3Threads, 1)
     }
     const int buf = it & 1;
     int h, mt;
-    coords(it, h, mt);
+    w.coords(it, h, mt);
     const int m0 = mt * kB3Q;
-    const uint32_t cQ = aQ + buf * kQTile, cdO = adO + buf * kQTile, cdS = adS + buf * kDSTile;
-    const float* cL = sL + buf * kB3Q;
-    const float* cD = sDelta + buf * kB3Q;
-    unsigned char* dS_tile = sdS + buf * kDSTile;
-
-    // Warpgroup-uniform: all 64 keys masked for all 64 queries (P = dS = 0, nothing to add).
-    const bool dead = key_w >= seq || (kCausal && key_w > m0 + kB3Q - 1);
-    if (!dead) {
-      float st[32], dpt[32];
-#pragma unroll
-      for (int i = 0; i < 32; ++i) st[i] = dpt[i] = 0.f;
-      wgmma::fence_operand(st);
-      wgmma::fence_operand(dpt);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma::mma_m64n64k16_ss<0, 0>(st, wgmma::desc_k_major(aK, kB3Keys, wg * 64, kk),
-                                      wgmma::desc_k_major(cQ, kB3Q, 0, kk), kk > 0, Tag{});
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma::mma_m64n64k16_ss<0, 0>(dpt, wgmma::desc_k_major(aV, kB3Keys, wg * 64, kk),
-                                      wgmma::desc_k_major(cdO, kB3Q, 0, kk), kk > 0, Tag{});
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::fence_operand(st);
-      wgmma::fence_operand(dpt);
-
-      // Pᵀ, dSᵀ; masked: keys past the end, queries past the end (their zero-filled lse would give
-      // P = 1) and, causal, keys after the query.
-      const bool edge = key_w + 64 > seq || m0 + kB3Q > seq || (kCausal && key_w + 63 > m0);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = nt * 8 + 2 * tq + (e & 1);
-          const int key = key0 + (e >> 1) * 8;
-          float p = exp2f(fmaf(st[4 * nt + e], scale_log2, cL[qi] * scale_lse));
-          if (edge && (key >= seq || m0 + qi >= seq || (kCausal && key > m0 + qi))) p = 0.f;
-          st[4 * nt + e] = p;
-          dpt[4 * nt + e] = p * (dpt[4 * nt + e] - cD[qi]);
-        }
-      // k16 slice t of the queries = accumulator n-tiles 2t, 2t+1: the A operands of dV and dK.
-      uint32_t ap[4][4], as[4][4];
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          ap[t][j] = pack2<E>(st[8 * t + 2 * j], st[8 * t + 2 * j + 1]);
-          as[t][j] = pack2<E>(dpt[8 * t + 2 * j], dpt[8 * t + 2 * j + 1]);
-        }
-      wgmma::fence_operand(dv_acc);
-      wgmma::fence_operand(dk_acc);
-      wgmma::fence();
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-        wgmma::mma_m64n128k16_rs<1>(dv_acc, ap[t], wgmma::desc_mn_major(cdO, kB3Q, t), 1, Tag{});
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-        wgmma::mma_m64n128k16_rs<1>(dk_acc, as[t], wgmma::desc_mn_major(cQ, kB3Q, t), 1, Tag{});
-      wgmma::commit();
-      // dSᵀ to shared while dV/dK run: as[t][j] holds (row g + 8·(j&1), queries 16t + 8·(j>>1) + 2tq, +1).
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<uint32_t*>(dS_tile + wgmma::swizzled_offset(kB3Keys, srow0 + 8 * (j & 1),
-                                                                        16 * t + 8 * (j >> 1) + 2 * tq)) = as[t][j];
-      wgmma::wait<0>();
-      wgmma::fence_operand(dv_acc);
-      wgmma::fence_operand(dk_acc);
-    } else {
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<uint32_t*>(dS_tile + wgmma::swizzled_offset(kB3Keys, srow0 + 8 * (j & 1),
-                                                                        16 * t + 8 * (j >> 1) + 2 * tq)) = 0u;
-    }
+    bwd3::tile_products<E, kCausal>(dk_acc, dv_acc, aK, aV, aQ + buf * kQTile, adO + buf * kQTile, sL + buf * kB3Q,
+                                    sDelta + buf * kB3Q, sdS + buf * kDSTile, kr, m0, seq, scale_log2);
     wgmma::fence_proxy_async();  // the dSᵀ stores → visible to the dQ wgmma after the barrier
 
     // Ordered mode: key tiles add to query tile (h, mt) in ascending kt; kt = 0 goes first and
     // stores, the last contributor (the tile holding the diagonal, or the last key tile) converts.
-    int* turn = ordered ? dq_ctr + (static_cast<int64_t>(b) * Hq + h) * nq + mt : nullptr;
-    const int last_kt = kCausal ? min(mt >> 1, nk - 1) : nk - 1;
-    if (ordered && kt > 0) wait_turn<false>(turn, kt);
+    int* turn = w.ordered ? dq_ctr + (static_cast<int64_t>(w.b) * Hq + h) * w.nq + mt : nullptr;
+    if (w.ordered && w.kt > 0) wait_turn<false>(turn, w.kt);
     __syncthreads();  // (b) dSᵀ complete (and the turn, if waited for, acquired) for all warps
 
-    // dQ (the tile's 64 queries, columns 64·wg ..) = dS·K over the 128 keys: A = dS, MN-major from
-    // the dSᵀ tile (one 64-query column half); B = K's column half wg, MN-major.
     float acc[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
-    wgmma::fence_operand(acc);
-    wgmma::fence();
-#pragma unroll
-    for (int t = 0; t < kB3Keys / 16; ++t)
-      wgmma::mma_m64n64k16_ss<1, 1>(acc, wgmma::desc_mn_major(cdS, kB3Keys, t),
-                                    wgmma::desc_mn_major(aK + wg * kB3Keys * 128, kB3Keys, t), t > 0, Tag{});
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_operand(acc);
+    bwd3::tile_dq<E>(acc, adS + buf * kDSTile, aK, kr.wg);
 
-    const bool last = kt == last_kt;
-    const int mode = dq_mode(ordered, kt == 0, last);
-    const bool odd = tq & 1;
-    float* dqa = dq_acc + static_cast<int64_t>(b) * seq * ldq + static_cast<int64_t>(h) * D;
-    E* dqo = dq + static_cast<int64_t>(b) * seq * ldq + static_cast<int64_t>(h) * D;
+    const bool last = w.kt == w.last_kt<kCausal>(mt);
+    const int mode = dq_mode(w.ordered, w.kt == 0, last);
+    const bool odd = kr.tq & 1;
+    float* dqa = dq_acc + static_cast<int64_t>(w.b) * seq * ldq + static_cast<int64_t>(h) * D;
+    E* dqo = dq + static_cast<int64_t>(w.b) * seq * ldq + static_cast<int64_t>(h) * D;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       const float4 val = lane_pair_row4(acc + 4 * nt, odd);
-      const int row = m0 + warp * 16 + gr + (odd ? 8 : 0);
-      const int col = wg * 64 + nt * 8 + 2 * (tq & 2);
+      const int row = m0 + kr.warp * 16 + kr.gr + (odd ? 8 : 0);
+      const int col = kr.wg * 64 + nt * 8 + 2 * (kr.tq & 2);
       if (row < seq) dq_write4<E>(mode, dqa, dqo, static_cast<int64_t>(row) * ldq + col, val, scale);
     }
-    if (ordered && !last) {
+    if (w.ordered && !last) {
       if (thread_fences) fence_acq_rel_gpu();
       pending = turn;  // handed on after the next barrier (a), as in v2
     }
@@ -248,25 +134,14 @@ __global__ void __launch_bounds__(kB3Threads, 1)
   }
 
   // Ordered split dK/dV: the splits of one (b, kv head, key tile) add in ascending split order.
-  int* kv_turn = kv_ctr != nullptr ? kv_ctr + (static_cast<int64_t>(b) * Hkv + kvh) * nk + kt : nullptr;
-  kv_turn_begin<false>(kv_turn, split);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 8 * r;
-    if (key >= seq) continue;
-    const int64_t off = (static_cast<int64_t>(b) * seq + key) * ldk + static_cast<int64_t>(kvh) * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      dkdv_write2<E>(dk32, dv32, dk, dv, off + i * 8 + 2 * tq, dk_acc[4 * i + 2 * r] * scale,
-                     dk_acc[4 * i + 2 * r + 1] * scale, dv_acc[4 * i + 2 * r], dv_acc[4 * i + 2 * r + 1]);
-    }
-  }
-  kv_turn_end(kv_turn, split, splits, thread_fences);
+  int* kv_turn = kv_ctr != nullptr ? kv_ctr + (static_cast<int64_t>(w.b) * Hkv + w.kvh) * w.nk + w.kt : nullptr;
+  kv_turn_begin<false>(kv_turn, w.split);
+  bwd3::write_dkdv<E>(dk_acc, dv_acc, dk32, dv32, dk, dv, w, kr, seq, Hkv, scale);
+  kv_turn_end(kv_turn, w.split, splits, thread_fences);
 #else
   __trap();  // not built for sm_90a: flash_backward_v3_available() keeps the host from launching this
 #endif
 }
-
 
 }  // namespace
 

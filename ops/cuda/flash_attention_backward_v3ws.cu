@@ -22,11 +22,11 @@
 // compiled for 168 registers with 680 bytes of spills and serialised wgmmas, which is why warpgroup 2
 // also waits for the split dK/dV turn.
 // The MMA warpgroups synchronise with each other through named barrier 1 (256 threads), warpgroup 2
-// through barrier 2 (128 threads); __syncthreads only before the roles split.
-#include <cstdlib>
-
+// through barrier 2 (128 threads), the two roles only through mbarriers (a thread's arrive releases
+// its shared-memory accesses to the waiters); __syncthreads only before the roles split.
 #include "ops/cuda/flash_attention.h"
 #include "ops/cuda/flash_attention_backward_v3.h"
+#include "ops/cuda/flash_attention_backward_v3_tile.cuh"
 #include "ops/cuda/flash_attention_common.cuh"
 #include "ops/cuda/sm90_async.cuh"
 #include "runtime/cuda_context.h"
@@ -37,12 +37,12 @@ namespace {
 
 using namespace flash;
 
-constexpr int kWKeys = 128, kWQ = 64, kWD = 128;
+constexpr int kWQ = bwd3::kQ, kWD = bwd3::kD;
 constexpr int kMmaThreads = 256, kWsThreads = 384;
-constexpr int kMmaBar = 1, kDQBar = 2;  // named barriers of the MMA warps and of warpgroup 2
-constexpr uint32_t kWKV = kWKeys * kWD * 2;        // 32 KiB (K, V)
-constexpr uint32_t kWQTile = kWQ * kWD * 2;        // 16 KiB (Q, dO; double-buffered)
-constexpr uint32_t kWDS = kWKeys * kWQ * 2;        // 16 KiB (dSᵀ, one buffer: barrier (a) orders its reuse)
+constexpr int kMmaBar = 1, kDQBar = 2;             // named barriers of the MMA warps and of warpgroup 2
+constexpr uint32_t kWKV = bwd3::kKVTile;           // 32 KiB (K, V)
+constexpr uint32_t kWQTile = bwd3::kQTile;         // 16 KiB (Q, dO; double-buffered)
+constexpr uint32_t kWDS = bwd3::kDSTile;           // 16 KiB (dSᵀ, one buffer: barrier (a) orders its reuse)
 constexpr int kDQPitch = kWD + 8;                  // floats per dQ row in shared memory: +32 B makes the
                                                    // accumulator stores 2-way (the minimum for 256 B)
 constexpr uint32_t kDQBuf = kWQ * kDQPitch * 4;    // 34 KiB, two of them
@@ -58,7 +58,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                           int* __restrict__ kv_ctr, int seq, int Hq, int Hkv, int splits, float scale,
                           float scale_log2) {
 #ifdef OMNIQ_WGMMA
-  using Tag = typename wgmma::TagOf<E>::type;
   constexpr int D = kWD;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = wgmma::smem_addr(smem_raw);
@@ -74,17 +73,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   uint64_t* empty = full + 2;                                       // [2]: dQ part sent (128 arrivals)
   uint64_t* kv_go = empty + 2;                                      // split dK/dV turn acquired (1 arrival)
 
-  const int G = Hq / Hkv, hpc = G / splits;
-  const int kvh = blockIdx.x / splits, split = blockIdx.x % splits, kt = blockIdx.y, b = blockIdx.z;
-  const int h_first = kvh * G + split * hpc;
-  const int n0 = kt * kWKeys;
-  const int64_t ldq = static_cast<int64_t>(Hq) * D, ldk = static_cast<int64_t>(Hkv) * D;
-  const int nq = (seq + kWQ - 1) / kWQ, nk = (seq + kWKeys - 1) / kWKeys;
-  const int m_first = kCausal ? 2 * kt : 0;  // query tile 2kt holds the first query seeing key n0
-  const int per_head = nq - m_first;
-  const int iters = hpc * per_head;
-  const bool ordered = dq_ctr != nullptr;
-  auto coords = [&](int it, int& h, int& mt) { bwd_coords(ordered, it, hpc, per_head, h_first, nq, m_first, h, mt); };
+  const bwd3::CtaWork w = bwd3::cta_work<kCausal>(seq, Hq, Hkv, splits, dq_ctr != nullptr);
+  const int64_t ldq = static_cast<int64_t>(Hq) * D;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < 2; ++s) {
@@ -99,31 +89,31 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   // ascending split order. Warpgroup 2 waits for the turn: a trap (the deadlock guard of spin_turn) in
   // the MMA warps' code keeps ptxas from giving them the registers of setmaxnreg (it then serialises
   // their wgmmas); the MMA warps only release.
-  int* kv_turn = kv_ctr != nullptr ? kv_ctr + (static_cast<int64_t>(b) * Hkv + kvh) * nk + kt : nullptr;
-  const bool kv_wait = kv_turn != nullptr && split > 0;
+  int* kv_turn = kv_ctr != nullptr ? kv_ctr + (static_cast<int64_t>(w.b) * Hkv + w.kvh) * w.nk + w.kt : nullptr;
+  const bool kv_wait = kv_turn != nullptr && w.split > 0;
 
   if (threadIdx.x >= kMmaThreads) {
     // ---------------- warpgroup 2: the dQ parts to global memory, in tile order ----------------
     sm90::regs_decrease<24>();
     const int t2 = threadIdx.x - kMmaThreads, lane = t2 & 31;
-    for (int it = 0; it < iters; ++it) {
+    for (int it = 0; it < w.iters; ++it) {
       const int s = it & 1;
       int h, mt;
-      coords(it, h, mt);
+      w.coords(it, h, mt);
       const int m0 = mt * kWQ, rows = min(kWQ, seq - m0);
-      const bool last = kt == (kCausal ? min(mt >> 1, nk - 1) : nk - 1);
-      const int mode = dq_mode(ordered, kt == 0, last);
-      int* turn = ordered ? dq_ctr + (static_cast<int64_t>(b) * Hq + h) * nq + mt : nullptr;
+      const bool last = w.kt == w.last_kt<kCausal>(mt);
+      const int mode = dq_mode(w.ordered, w.kt == 0, last);
+      int* turn = w.ordered ? dq_ctr + (static_cast<int64_t>(w.b) * Hq + h) * w.nq + mt : nullptr;
       sm90::mbar_wait(&full[s], (it >> 1) & 1);
-      if (ordered && kt > 0) {
+      if (w.ordered && w.kt > 0) {
         if (t2 == 0) {
-          spin_turn<false>(turn, kt);
+          spin_turn<false>(turn, w.kt);
           sm90::fence_proxy_async_global();  // the acquired sums, before this CTA's bulk adds
         }
         sm90::named_sync(kDQBar, 128);
       }
       const float* part = sDQ + s * kWQ * kDQPitch;
-      const int64_t tile_off = (static_cast<int64_t>(b) * seq + m0) * ldq + static_cast<int64_t>(h) * D;
+      const int64_t tile_off = (static_cast<int64_t>(w.b) * seq + m0) * ldq + static_cast<int64_t>(h) * D;
       float* dqa = dq_acc + tile_off;
       if (mode <= 1) {  // add (atomic mode, or a middle contributor) or store (the first of several): warp 8
         if (t2 < 32) {
@@ -136,7 +126,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           sm90::bulk_commit();
           sm90::bulk_wait_read();  // this lane's copies have read their rows: it frees them
           sm90::mbar_arrive(&empty[s]);
-          if (ordered && !last) {  // release: the sums are in L2 before the successor acquires the turn
+          if (w.ordered && !last) {  // release: the sums are in L2 before the successor acquires the turn
             sm90::bulk_wait_all();
             sm90::fence_proxy_async_global();
             __syncwarp();
@@ -163,51 +153,36 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         sm90::mbar_arrive(&empty[s]);  // after this thread's reads of the buffer (release)
       }
     }
+    if (t2 < 32) sm90::bulk_wait_all();  // no bulk write outlives the CTA (the atomic mode's last adds)
     if (kv_wait && t2 == 0) {
-      spin_turn<false>(kv_turn, split);
+      spin_turn<false>(kv_turn, w.split);
       sm90::mbar_arrive(kv_go);  // release (CTA scope) of what the acquire saw: the MMA warps add after it
     }
     return;
   }
 
-  // ---------------- warpgroups 0, 1: the products (the plain form's code, flash_attention_backward_v3.cu) ----------------
+  // ---------------- warpgroups 0, 1: the products (bwd3:: tile code, shared with the plain form) ----------------
   sm90::regs_increase<240>();
   const uint32_t aK = wgmma::smem_addr(sK), aV = wgmma::smem_addr(sV), aQ = wgmma::smem_addr(sQ),
                  adO = wgmma::smem_addr(sdO), adS = wgmma::smem_addr(sdS);
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int gr = lane >> 2, tq = lane & 3;
-  const E* kg = k + (static_cast<int64_t>(b) * seq + n0) * ldk + static_cast<int64_t>(kvh) * D;
-  const E* vg = v + (static_cast<int64_t>(b) * seq + n0) * ldk + static_cast<int64_t>(kvh) * D;
+  const bwd3::KeyRows kr = bwd3::key_rows(w.n0);
   auto issue = [&](int it, int buf) {
     int h, mt;
-    coords(it, h, mt);
-    const int m0 = mt * kWQ;
-    const int64_t off = (static_cast<int64_t>(b) * seq + m0) * ldq + static_cast<int64_t>(h) * D;
-    load_swizzled<E, kWQ, kMmaThreads>(sQ + buf * kWQTile, q + off, ldq, seq - m0);
-    load_swizzled<E, kWQ, kMmaThreads>(sdO + buf * kWQTile, dout + off, ldq, seq - m0);
-    if (threadIdx.x < 2 * kWQ) {  // threads 0..63: lse, 64..127: δ
-      const int i = threadIdx.x & (kWQ - 1);
-      const bool ok = m0 + i < seq;
-      const int64_t li = (static_cast<int64_t>(b) * Hq + h) * seq + m0 + (ok ? i : 0);
-      cp_async4((threadIdx.x < kWQ ? sL : sDelta) + buf * kWQ + i, (threadIdx.x < kWQ ? lse : delta) + li, ok);
-    }
+    w.coords(it, h, mt);
+    bwd3::load_query_tile<E, kMmaThreads>(sQ + buf * kWQTile, sdO + buf * kWQTile, sL + buf * kWQ, sDelta + buf * kWQ,
+                                          q, dout, lse, delta, w.b, h, mt * kWQ, seq, Hq);
   };
 
-  load_swizzled<E, kWKeys, kMmaThreads>(sK, kg, ldk, seq - n0);
-  load_swizzled<E, kWKeys, kMmaThreads>(sV, vg, ldk, seq - n0);
+  bwd3::load_key_tiles<E, kMmaThreads>(sK, sV, k, v, w, seq, Hkv);
   issue(0, 0);
   cp_async_commit();
 
   float dk_acc[64], dv_acc[64];  // this warpgroup's 64 keys x D (wgmma accumulator layout)
 #pragma unroll
   for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-  const int key_w = n0 + wg * 64;               // this warpgroup's first key
-  const int key0 = key_w + warp * 16 + gr;      // this thread's key rows: key0 and key0 + 8
-  const int srow0 = wg * 64 + warp * 16 + gr;   // the same rows in the CTA's key tile (dSᵀ rows)
-  const float scale_lse = -kLog2e;
 
-  for (int it = 0; it < iters; ++it) {
-    if (it + 1 < iters) issue(it + 1, (it + 1) & 1);
+  for (int it = 0; it < w.iters; ++it) {
+    if (it + 1 < w.iters) issue(it + 1, (it + 1) & 1);
     cp_async_commit();
     cp_async_wait<1>();
     wgmma::fence_proxy_async();
@@ -215,102 +190,14 @@ __global__ void __launch_bounds__(kWsThreads, 1)
                                              // tile it − 1 (readers of dSᵀ) done
     const int buf = it & 1;
     int h, mt;
-    coords(it, h, mt);
-    const int m0 = mt * kWQ;
-    const uint32_t cQ = aQ + buf * kWQTile, cdO = adO + buf * kWQTile;
-    const float* cL = sL + buf * kWQ;
-    const float* cD = sDelta + buf * kWQ;
-
-    // Warpgroup-uniform: all 64 keys masked for all 64 queries (P = dS = 0, nothing to add).
-    const bool dead = key_w >= seq || (kCausal && key_w > m0 + kWQ - 1);
-    if (!dead) {
-      float st[32], dpt[32];
-#pragma unroll
-      for (int i = 0; i < 32; ++i) st[i] = dpt[i] = 0.f;
-      wgmma::fence_operand(st);
-      wgmma::fence_operand(dpt);
-      wgmma::fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma::mma_m64n64k16_ss<0, 0>(st, wgmma::desc_k_major(aK, kWKeys, wg * 64, kk),
-                                      wgmma::desc_k_major(cQ, kWQ, 0, kk), kk > 0, Tag{});
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma::mma_m64n64k16_ss<0, 0>(dpt, wgmma::desc_k_major(aV, kWKeys, wg * 64, kk),
-                                      wgmma::desc_k_major(cdO, kWQ, 0, kk), kk > 0, Tag{});
-      wgmma::commit();
-      wgmma::wait<0>();
-      wgmma::fence_operand(st);
-      wgmma::fence_operand(dpt);
-
-      // Pᵀ, dSᵀ; masked: keys past the end, queries past the end (their zero-filled lse would give
-      // P = 1) and, causal, keys after the query.
-      const bool edge = key_w + 64 > seq || m0 + kWQ > seq || (kCausal && key_w + 63 > m0);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = nt * 8 + 2 * tq + (e & 1);
-          const int key = key0 + (e >> 1) * 8;
-          float p = exp2f(fmaf(st[4 * nt + e], scale_log2, cL[qi] * scale_lse));
-          if (edge && (key >= seq || m0 + qi >= seq || (kCausal && key > m0 + qi))) p = 0.f;
-          st[4 * nt + e] = p;
-          dpt[4 * nt + e] = p * (dpt[4 * nt + e] - cD[qi]);
-        }
-      // k16 slice t of the queries = accumulator n-tiles 2t, 2t+1: the A operands of dV and dK.
-      uint32_t ap[4][4], as[4][4];
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          ap[t][j] = pack2<E>(st[8 * t + 2 * j], st[8 * t + 2 * j + 1]);
-          as[t][j] = pack2<E>(dpt[8 * t + 2 * j], dpt[8 * t + 2 * j + 1]);
-        }
-      wgmma::fence_operand(dv_acc);
-      wgmma::fence_operand(dk_acc);
-      wgmma::fence();
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-        wgmma::mma_m64n128k16_rs<1>(dv_acc, ap[t], wgmma::desc_mn_major(cdO, kWQ, t), 1, Tag{});
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-        wgmma::mma_m64n128k16_rs<1>(dk_acc, as[t], wgmma::desc_mn_major(cQ, kWQ, t), 1, Tag{});
-      wgmma::commit();
-      // dSᵀ to shared while dV/dK run: as[t][j] holds (row g + 8·(j&1), queries 16t + 8·(j>>1) + 2tq, +1).
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<uint32_t*>(sdS + wgmma::swizzled_offset(kWKeys, srow0 + 8 * (j & 1),
-                                                                    16 * t + 8 * (j >> 1) + 2 * tq)) = as[t][j];
-      wgmma::wait<0>();
-      wgmma::fence_operand(dv_acc);
-      wgmma::fence_operand(dk_acc);
-    } else {
-#pragma unroll
-      for (int t = 0; t < 4; ++t)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<uint32_t*>(sdS + wgmma::swizzled_offset(kWKeys, srow0 + 8 * (j & 1),
-                                                                    16 * t + 8 * (j >> 1) + 2 * tq)) = 0u;
-    }
+    w.coords(it, h, mt);
+    bwd3::tile_products<E, kCausal>(dk_acc, dv_acc, aK, aV, aQ + buf * kWQTile, adO + buf * kWQTile, sL + buf * kWQ,
+                                    sDelta + buf * kWQ, sdS, kr, mt * kWQ, seq, scale_log2);
     wgmma::fence_proxy_async();              // the dSᵀ stores → visible to the dQ wgmma after the barrier
     sm90::named_sync(kMmaBar, kMmaThreads);  // (b) dSᵀ complete for all warps
 
-    // dQ (the tile's 64 queries, columns 64·wg ..) = dS·K over the 128 keys: A = dS, MN-major from
-    // the dSᵀ tile (one 64-query column half); B = K's column half wg, MN-major.
     float acc[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
-    wgmma::fence_operand(acc);
-    wgmma::fence();
-#pragma unroll
-    for (int t = 0; t < kWKeys / 16; ++t)
-      wgmma::mma_m64n64k16_ss<1, 1>(acc, wgmma::desc_mn_major(adS, kWKeys, t),
-                                    wgmma::desc_mn_major(aK + wg * kWKeys * 128, kWKeys, t), t > 0, Tag{});
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::fence_operand(acc);
+    bwd3::tile_dq<E>(acc, adS, aK, kr.wg);
 
     // The part to buffer it & 1 once warpgroup 2 has sent what it held two tiles ago.
     const int s = it & 1;
@@ -320,25 +207,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(part + (warp * 16 + gr + 8 * r) * kDQPitch + wg * 64 + nt * 8 + 2 * tq) =
+        *reinterpret_cast<float2*>(part + (kr.warp * 16 + kr.gr + 8 * r) * kDQPitch + kr.wg * 64 + nt * 8 + 2 * kr.tq) =
             make_float2(acc[4 * nt + 2 * r], acc[4 * nt + 2 * r + 1]);
     wgmma::fence_proxy_async();  // the stores → visible to warpgroup 2's bulk copies
     sm90::mbar_arrive(&full[s]);
   }
 
   if (kv_wait) sm90::mbar_wait(kv_go, 0);  // warpgroup 2 holds the split turn
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 8 * r;
-    if (key >= seq) continue;
-    const int64_t off = (static_cast<int64_t>(b) * seq + key) * ldk + static_cast<int64_t>(kvh) * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      dkdv_write2<E>(dk32, dv32, dk, dv, off + i * 8 + 2 * tq, dk_acc[4 * i + 2 * r] * scale,
-                     dk_acc[4 * i + 2 * r + 1] * scale, dv_acc[4 * i + 2 * r], dv_acc[4 * i + 2 * r + 1]);
-    }
-  }
-  if (kv_turn != nullptr && split + 1 < splits) {
+  bwd3::write_dkdv<E>(dk_acc, dv_acc, dk32, dv32, dk, dv, w, kr, seq, Hkv, scale);
+  if (kv_turn != nullptr && w.split + 1 < splits) {
     sm90::named_sync(kMmaBar, kMmaThreads);
     if (threadIdx.x == 0) cta_release_increment(kv_turn, false);
   }
