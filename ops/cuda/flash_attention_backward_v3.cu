@@ -149,7 +149,7 @@ bool flash_backward_v3_available(const Tensor& q) { return flash_forward_v3_avai
 
 void launch_flash_bwd_v3(const FlashBwdArgs& a, bool causal, DType dt, dim3 grid, cudaStream_t stream) {
   const char* ws = std::getenv("OMNIQ_FLASH_BWD_V3_WS");
-  if (!(ws != nullptr && ws[0] == '0')) {  // read per launch (a test flips it between launches)
+  if (!(ws != nullptr && ws[0] == '0') && flash_bwd_v3ws_fits()) {  // read per launch (a test flips it)
     launch_flash_bwd_v3ws(a, causal, dt, grid, stream);
     return;
   }

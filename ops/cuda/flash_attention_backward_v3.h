@@ -26,8 +26,10 @@ struct FlashBwdArgs {
 // True where the v3 kernel exists and runs: D = 128, an sm_90 GPU, a build for sm_90a.
 bool flash_backward_v3_available(const Tensor& q);
 // The warp-specialised form (flash_attention_backward_v3ws.cu) unless OMNIQ_FLASH_BWD_V3_WS=0 picks
-// the plain one (read per launch).
+// the plain one (read per launch) or the GPU lacks the shared memory it needs (214 KiB per block; the
+// plain form needs 162 KiB).
 void launch_flash_bwd_v3(const FlashBwdArgs& a, bool causal, DType dt, dim3 grid, cudaStream_t stream);
+bool flash_bwd_v3ws_fits();
 void launch_flash_bwd_v3ws(const FlashBwdArgs& a, bool causal, DType dt, dim3 grid, cudaStream_t stream);
 
 }  // namespace omniq::cuda

@@ -226,6 +226,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
 }  // namespace
 
+bool flash_bwd_v3ws_fits() {
+  int dev = 0, optin = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return static_cast<size_t>(optin) >= kWsSmem;
+}
+
 void launch_flash_bwd_v3ws(const FlashBwdArgs& a, bool causal, DType dt, dim3 grid, cudaStream_t stream) {
   flash_dispatch(dt, kWD, causal, [&](auto e, auto, auto c) {
     using E = decltype(e);
