@@ -333,13 +333,12 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
   return t;
 }
 
-// Thread 0 spins until *ctr reaches `turn`. Its acquire load makes the adds that the previous
-// contributor fenced before incrementing visible to it; the caller's next __syncthreads() extends
-// that ordering to the whole CTA before anyone adds.
-// kReport: print the deadlock diagnosis before trapping. printf is a function call, and a call
-// anywhere in a kernel makes ptxas serialise every wgmma of that kernel (warning C7510: each
-// wgmma waits for the previous one), so the wgmma kernels (v3) trap without the message.
-// spin_turn: the same wait by whichever thread calls it (the warp-specialised v3 backward's dQ warp).
+// spin_turn: the calling thread spins until *ctr reaches `turn`. Its acquire load makes the adds that
+// the previous contributor fenced before incrementing visible to it. wait_turn: thread 0 does; the
+// caller's next __syncthreads() extends that ordering to the whole CTA before anyone adds.
+// After 20 s both trap (a deadlock). kReport: print the diagnosis first. printf is a function call,
+// and a call anywhere in a kernel makes ptxas serialise every wgmma of that kernel (warning C7510:
+// each wgmma waits for the previous one), so the wgmma kernels (v3) trap without the message.
 template <bool kReport = true>
 __device__ __forceinline__ void spin_turn(const int* ctr, int turn) {
   uint64_t t0 = 0;
