@@ -13,6 +13,23 @@
 
 namespace omniq::bt_test {
 
+// A small OmniQuant config of the trainer's bit-equality tests: LWC (+ LET and the aug loss with
+// `let`), 3 epochs of 8 samples × 96 tokens.
+inline QuantConfig omniquant(int wbits, int abits, int group, bool let) {
+  QuantConfig qc;
+  qc.method = "omniquant";
+  qc.wbits = wbits;
+  qc.abits = abits;
+  qc.group_size = group;
+  qc.lwc = true;
+  qc.let = let;
+  qc.aug_loss = let;
+  qc.epochs = 3;
+  qc.nsamples = 8;
+  qc.seqlen = 96;
+  return qc;
+}
+
 // train_block (block 0) must throw an Error naming "block 0 epoch 0 sample 2" and, with
 // `expect_retries`, saying the retries ran out. FAIL()s when nothing is thrown: call it through
 // ASSERT_NO_FATAL_FAILURE so the test stops there, as it would with the check inline.

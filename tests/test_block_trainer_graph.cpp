@@ -46,21 +46,6 @@ Losses run(const std::string& shape, const QuantConfig& qc, bool graphs) {
   return l;
 }
 
-QuantConfig omniquant(int wbits, int abits, int group, bool let) {
-  QuantConfig qc;
-  qc.method = "omniquant";
-  qc.wbits = wbits;
-  qc.abits = abits;
-  qc.group_size = group;
-  qc.lwc = true;
-  qc.let = let;
-  qc.aug_loss = let;
-  qc.epochs = 3;
-  qc.nsamples = 8;
-  qc.seqlen = 96;
-  return qc;
-}
-
 void expect_same_bits(const std::string& shape, const QuantConfig& qc) {
   Losses eager = run(shape, qc, false), graph = run(shape, qc, true);
   ASSERT_EQ(eager.all.size(), graph.all.size());
@@ -76,17 +61,17 @@ void expect_same_bits(const std::string& shape, const QuantConfig& qc) {
 
 TEST(BlockTrainerGraphCuda, LlamaWeightOnlyReplayEqualsEager) {
   OMNIQ_REQUIRE_CUDA();
-  expect_same_bits("tiny", omniquant(3, 16, 32, false));
+  expect_same_bits("tiny", bt_test::omniquant(3, 16, 32, false));
 }
 
 TEST(BlockTrainerGraphCuda, LlamaW4A4LetAugReplayEqualsEager) {
   OMNIQ_REQUIRE_CUDA();
-  expect_same_bits("tiny", omniquant(4, 4, 0, true));
+  expect_same_bits("tiny", bt_test::omniquant(4, 4, 0, true));
 }
 
 TEST(BlockTrainerGraphCuda, OptW4A4LetReplayEqualsEager) {
   OMNIQ_REQUIRE_CUDA();
-  expect_same_bits("tiny-opt", omniquant(4, 4, 0, true));
+  expect_same_bits("tiny-opt", bt_test::omniquant(4, 4, 0, true));
 }
 
 // A non-finite loss under graph replay: found at the end of the epoch, the epoch restored and

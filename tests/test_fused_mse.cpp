@@ -15,6 +15,7 @@
 #include "experiments/calib_bench.h"
 #include "ops/loss.h"
 #include "runtime/error.h"
+#include "tests/block_trainer_test_util.h"
 #include "tests/support/test_support.h"
 #ifdef OMNIQ_HAS_CUDA
 #include "runtime/cuda_graph.h"
@@ -319,21 +320,6 @@ std::vector<double> train_losses(const QuantConfig& qc, bool fused_loss) {
   return l;
 }
 
-QuantConfig omniquant(int wbits, int abits, int group, bool let) {
-  QuantConfig qc;
-  qc.method = "omniquant";
-  qc.wbits = wbits;
-  qc.abits = abits;
-  qc.group_size = group;
-  qc.lwc = true;
-  qc.let = let;
-  qc.aug_loss = let;
-  qc.epochs = 3;
-  qc.nsamples = 8;
-  qc.seqlen = 96;
-  return qc;
-}
-
 void expect_training_same_bits(const QuantConfig& qc) {
   const std::vector<double> old_loss = train_losses(qc, false), new_loss = train_losses(qc, true);
   ASSERT_EQ(old_loss.size(), new_loss.size());
@@ -348,12 +334,12 @@ void expect_training_same_bits(const QuantConfig& qc) {
 
 TEST(FusedMseTrainerCuda, WeightOnlyTrainingEqualsComposedLoss) {
   OMNIQ_REQUIRE_CUDA();
-  expect_training_same_bits(omniquant(3, 16, 32, false));
+  expect_training_same_bits(bt_test::omniquant(3, 16, 32, false));
 }
 
 TEST(FusedMseTrainerCuda, W4A4LetAugTrainingEqualsComposedLoss) {
   OMNIQ_REQUIRE_CUDA();
-  expect_training_same_bits(omniquant(4, 4, 0, true));
+  expect_training_same_bits(bt_test::omniquant(4, 4, 0, true));
 }
 
 #endif  // OMNIQ_HAS_CUDA
