@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """An independent, straightforward PyTorch OmniQuant (spec/omniquant.md), the block math in
-omniquant_block.py. Three modes:
+omniquant_block.py. Four modes:
 
 calibrate  block-wise OmniQuant of a HF LLaMA/OPT folder (LWC, LET, per-token activation quantizers
            for W-A, MSE (+aug) loss, torch.optim.AdamW with separate lrs, the fp and quantized
@@ -19,12 +19,15 @@ calibrate  block-wise OmniQuant of a HF LLaMA/OPT folder (LWC, LET, per-token ac
 bench      the per-block training step of the same implementation on random llama2-7b/70b blocks
            (W4A16 g128 LWC; --abits 4 adds LET + aug loss): ms/step, extrapolated s/block and
            minutes per model, peak memory.
+gemms      only the 18 GEMMs of that step (7 forward, 4 dX, 7 dW), bf16, sustained for one block's
+           128 x 20 steps: the GEMM floor of a PyTorch step, next to bench_step_gemms (omniq's).
 gradfix    gradient fixtures on the nano models for tests/test_omniquant_grad_fixture.cpp.
 
 Examples (run from the repository root on the GPU machine):
   python3 tests/reference/omniquant_reference.py calibrate --model M --wbits 3 --lwc --let \
       --epochs 20 --nsamples 128 --seqlen 1024 --windows w.json --dtype bf16
   python3 tests/reference/omniquant_reference.py bench --shape llama2-7b [--abits 4] [--attention eager]
+  python3 tests/reference/omniquant_reference.py gemms --shape llama2-7b
   python3 tests/reference/omniquant_reference.py gradfix --out tests/fixtures/omniquant_grads
 """
 import argparse
@@ -331,6 +334,53 @@ def bench(args):
           f"peak memory {mem:.2f} GiB", flush=True)
 
 
+def bench_gemms(args):
+    """The GEMMs autograd runs for one W4A16 LWC step (F.linear forward; dX = dY·W, dW = dYᵀ·X in the
+    backward; no dX for q/k/v: their input is data), bf16, timed with CUDA events over --reps steps."""
+    C, H, Hkv, D, inter, L = SHAPES[args.shape]
+    T, dev, bf = args.seqlen, args.device, torch.bfloat16
+    torch.manual_seed(0)
+
+    def act(n):
+        return torch.rand(T, n, device=dev, dtype=bf) * 2 - 1
+
+    def wt(n, k):
+        return (torch.rand(n, k, device=dev, dtype=bf) - 0.5) * 0.1
+    xn1, xn2, attn, h, res = act(C), act(C), act(H * D), act(inter), act(C)
+    wq, wk, wv, wo = wt(H * D, C), wt(Hkv * D, C), wt(Hkv * D, C), wt(C, H * D)
+    wg, wu, wd = wt(inter, C), wt(inter, C), wt(C, inter)
+    d_c, d_f1, d_f2 = act(C) * 1e-3, act(inter) * 1e-3, act(inter) * 1e-3
+    d_q, d_kv = act(H * D) * 1e-3, act(Hkv * D) * 1e-3
+
+    def step():
+        F.linear(xn1, wq), F.linear(xn1, wk), F.linear(xn1, wv)
+        h1 = F.linear(attn, wo)
+        F.linear(xn2, wg), F.linear(xn2, wu)
+        F.linear(h, wd)
+        d_c @ wd, d_c.t() @ h                        # down: dX, dW
+        d_f1.t() @ xn2, d_f2.t() @ xn2               # up, gate: dW
+        d_f1 @ wu, d_f2 @ wg                         # up, gate: dX (autograd sums them)
+        d_c @ wo, d_c.t() @ attn                     # o: dX, dW
+        d_q.t() @ xn1, d_kv.t() @ xn1, d_kv.t() @ xn1  # q, k, v: dW
+        return h1
+    flop = 2.0 * T * (2 * (H * D * C + 2 * Hkv * D * C) + 3 * C * H * D + 9 * C * inter)
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    for label, reps in (("burst", 10), ("sustained", args.reps)):
+        if label == "burst":
+            time.sleep(3)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            step()
+        b.record()
+        b.synchronize()
+        ms = a.elapsed_time(b) / reps
+        print(f"torch {torch.__version__} {args.shape} step GEMMs {label} {reps} steps: {ms:.3f} ms/step, "
+              f"{flop / ms / 1e9:.1f} TFLOP/s", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradfix
 
@@ -464,12 +514,17 @@ def main():
     b.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
                    help="sdpa: F.scaled_dot_product_attention; eager: the reference code's matmul/softmax/matmul")
     b.add_argument("--device", default="cuda")
+    m = sub.add_parser("gemms")
+    m.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    m.add_argument("--seqlen", type=int, default=2048)
+    m.add_argument("--reps", type=int, default=2560)
+    m.add_argument("--device", default="cuda")
     g = sub.add_parser("gradfix")
     g.add_argument("--out", default=os.path.join(REPO, "tests/fixtures/omniquant_grads"))
     g.add_argument("--text", default=os.path.join(REPO, "data/text/wikitext2-raw/wiki.test.raw"))
     g.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    {"calibrate": calibrate, "bench": bench, "gradfix": gradfix}[args.mode](args)
+    {"calibrate": calibrate, "bench": bench, "gemms": bench_gemms, "gradfix": gradfix}[args.mode](args)
 
 
 if __name__ == "__main__":
