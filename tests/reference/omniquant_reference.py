@@ -346,7 +346,7 @@ def bench_gemms(args):
 
     def wt(n, k):
         return (torch.rand(n, k, device=dev, dtype=bf) - 0.5) * 0.1
-    xn1, xn2, attn, h, res = act(C), act(C), act(H * D), act(inter), act(C)
+    xn1, xn2, attn, h = act(C), act(C), act(H * D), act(inter)
     wq, wk, wv, wo = wt(H * D, C), wt(Hkv * D, C), wt(Hkv * D, C), wt(C, H * D)
     wg, wu, wd = wt(inter, C), wt(inter, C), wt(C, inter)
     d_c, d_f1, d_f2 = act(C) * 1e-3, act(inter) * 1e-3, act(inter) * 1e-3
